@@ -1,0 +1,196 @@
+//! `tcpnetlock server`: flags, listening sockets, logging, then serve forever.
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use clap::Args;
+use log::{LevelFilter, info, warn};
+
+use crate::log::Target;
+use crate::server::listen::{self, Keepalive};
+use crate::server::{self, Config, Server, notify};
+
+use super::{EXIT_USAGE, Fail, parse_secs};
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Address to listen on: HOST, HOST:PORT, IP or [IPv6]:PORT (repeatable). Ignored when
+    /// systemd passes listening sockets (socket activation).
+    #[arg(short, long, value_name = "HOST[:PORT]", default_value = "127.0.0.1")]
+    listen: Vec<String>,
+
+    /// Port for --listen values that have none.
+    #[arg(short, long, default_value_t = 7654)]
+    port: u16,
+
+    /// Open connections allowed at once; past it, new clients get `err,too many connections`.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    max_connections: usize,
+
+    /// Longest request line in bytes, without its line ending; longer gets `bad-request`.
+    #[arg(long, value_name = "BYTES", default_value_t = 1024)]
+    max_line_length: usize,
+
+    /// Longest lock name.
+    #[arg(long, value_name = "N", default_value_t = crate::protocol::DEFAULT_MAX_NAME_LEN)]
+    max_name_length: usize,
+
+    /// Seconds a new connection has to send its first complete request.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_secs)]
+    request_timeout: Duration,
+
+    /// Idle seconds before TCP keepalive probes a connection; 0 turns keepalive off.
+    /// A vanished peer is dropped after time + interval × probes (default 40 s).
+    #[arg(long, value_name = "SECS", default_value = "20", value_parser = parse_secs)]
+    keepalive_time: Duration,
+
+    /// Seconds between TCP keepalive probes.
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs)]
+    keepalive_interval: Duration,
+
+    /// Unanswered TCP keepalive probes before the connection is dropped.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    keepalive_probes: u32,
+
+    /// Obey `.server-shutdown`, from loopback peers only. Without this flag it is refused.
+    #[arg(long)]
+    allow_shutdown_from_loopback: bool,
+
+    /// Where to log: auto (syslog if /dev/log exists, else stderr), stderr, syslog, syslog:PATH.
+    #[arg(long, value_name = "TARGET", default_value = "auto")]
+    log: Target,
+
+    /// More log detail (-v debug, -vv trace).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    /// Less log detail (-q warnings, -qq errors only).
+    #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "verbose")]
+    quiet: u8,
+
+    /// Same as the default level (accepted for tcpnetlock 0.1.8 compatibility).
+    #[arg(long, hide = true)]
+    info: bool,
+
+    /// Same as -v (accepted for tcpnetlock 0.1.8 compatibility).
+    #[arg(long, hide = true)]
+    debug: bool,
+}
+
+impl ServerArgs {
+    fn level(&self) -> LevelFilter {
+        if self.debug {
+            return LevelFilter::Debug;
+        }
+        match (self.verbose, self.quiet) {
+            (0, 0) => LevelFilter::Info,
+            (1, _) => LevelFilter::Debug,
+            (_, 0) => LevelFilter::Trace,
+            (_, 1) => LevelFilter::Warn,
+            (_, _) => LevelFilter::Error,
+        }
+    }
+
+    fn config(&self) -> Result<Config, Fail> {
+        let usage = |msg: &str| Fail::new(EXIT_USAGE, msg);
+        if self.max_connections == 0 {
+            return Err(usage("--max-connections must be at least 1"));
+        }
+        if self.max_line_length < 16 {
+            return Err(usage("--max-line-length must be at least 16"));
+        }
+        if self.max_name_length == 0 {
+            return Err(usage("--max-name-length must be at least 1"));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(usage("--request-timeout must be more than 0"));
+        }
+        let keepalive = if self.keepalive_time.is_zero() {
+            None
+        } else {
+            if self.keepalive_interval < Duration::from_secs(1) || self.keepalive_probes == 0 {
+                return Err(usage(
+                    "--keepalive-interval must be at least 1 and --keepalive-probes at least 1",
+                ));
+            }
+            Some(Keepalive {
+                time: self.keepalive_time.max(Duration::from_secs(1)),
+                interval: self.keepalive_interval,
+                probes: self.keepalive_probes,
+            })
+        };
+        Ok(Config {
+            max_connections: self.max_connections,
+            max_line: self.max_line_length,
+            max_name_len: self.max_name_length,
+            request_timeout: self.request_timeout,
+            keepalive,
+            allow_shutdown: self.allow_shutdown_from_loopback,
+            ..Config::default()
+        })
+    }
+}
+
+pub fn run(args: ServerArgs) -> Result<(), Fail> {
+    let config = args.config()?;
+    crate::log::init(args.log.clone(), args.level()).map_err(|e| Fail::new(EXIT_USAGE, &e))?;
+    server::raise_fd_limit();
+
+    let listeners = listeners(&args)?;
+    let server = Server::new(config);
+    server
+        .start(listeners)
+        .map_err(|e| Fail::new(1, &format!("cannot start the acceptor threads: {e}")))?;
+    notify::run(server)
+}
+
+fn listeners(args: &ServerArgs) -> Result<Vec<TcpListener>, Fail> {
+    let passed = listen::from_systemd().map_err(|e| Fail::new(EXIT_USAGE, &e))?;
+    if !passed.is_empty() {
+        for l in &passed {
+            match l.local_addr() {
+                Ok(addr) => info!("serving {addr} (socket passed by systemd)"),
+                Err(_) => info!("serving a socket passed by systemd"),
+            }
+        }
+        return Ok(passed);
+    }
+    let mut bound = Vec::new();
+    for text in &args.listen {
+        let spec = listen::resolve(text, args.port).map_err(|e| Fail::new(EXIT_USAGE, &e))?;
+        let literal = spec.addrs.len() == 1;
+        let mut any = false;
+        for addr in &spec.addrs {
+            match listen::bind(*addr, 4096) {
+                Ok(l) => {
+                    info!("listening on {}", l.local_addr().unwrap_or(*addr));
+                    bound.push(l);
+                    any = true;
+                }
+                // A name such as `localhost` may resolve to an address family the host lacks;
+                // it fails only if none of its addresses can be bound.
+                Err(e) if !literal => warn!("cannot bind {addr} (from --listen {text}): {e}"),
+                Err(e) => return Err(bind_failure(addr, &e)),
+            }
+        }
+        if !any {
+            return Err(Fail::new(
+                EXIT_USAGE,
+                &format!("cannot bind any address of --listen {text}"),
+            ));
+        }
+    }
+    Ok(bound)
+}
+
+fn bind_failure(addr: &std::net::SocketAddr, e: &std::io::Error) -> Fail {
+    let hint = match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (is another tcpnetlock running? see `systemctl status tcpnetlock.socket`)"
+        }
+        std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
+        std::io::ErrorKind::AddrNotAvailable => " (no local interface has this address)",
+        _ => "",
+    };
+    Fail::new(EXIT_USAGE, &format!("cannot bind {addr}: {e}{hint}"))
+}

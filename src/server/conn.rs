@@ -1,0 +1,304 @@
+//! One connection's life: read the first request, answer it, and if it was a granted `lock`,
+//! hold until the client releases or is gone.
+//!
+//! "Gone" is decided here, and it is where 0.1.8 was wrong: end-of-file on the socket only means
+//! the client shut down its sending side (`nc -N`, ncat, busybox nc and socat all do so when their
+//! stdin ends) and it may still be waiting for the lock's lifetime to end. So a half-closed holder
+//! keeps its lock, and we find out whether it is really gone by writing an empty line to it: once
+//! the process is dead, its kernel answers the write with a reset.
+
+use std::io::{self, Read, Write};
+use std::mem::MaybeUninit;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+
+use super::Server;
+use crate::protocol::{HeldRequest, Reply, Request};
+use crate::table::{Acquire, ConnId, Holder};
+
+/// How often a half-closed holder is probed. The lock is freed within about twice this after the
+/// client process dies (the write that provokes the reset, then the wait for it).
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// An accepted client, on its way to a worker.
+pub struct Conn {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub id: ConnId,
+    pub server: Arc<Server>,
+    /// Decrements the server's open-connection count when the connection ends, however it ends.
+    pub _open: super::OpenGuard,
+}
+
+pub fn serve(conn: Conn) {
+    let Conn {
+        mut stream,
+        peer,
+        id,
+        server,
+        _open,
+    } = conn;
+    let server = &*server;
+    let mut reader = LineReader::new(server.config.max_line);
+    let deadline = Instant::now() + server.config.request_timeout;
+    let line = match reader.next_line(&mut stream, Some(deadline)) {
+        Ok(line) => line,
+        Err(ReadError::Eof { partial: false }) => return,
+        Err(ReadError::Eof { partial: true }) | Err(ReadError::TooLong) => {
+            return finish(&mut stream, &Reply::BadRequest);
+        }
+        Err(ReadError::TimedOut) => {
+            debug!("{peer}: no complete request within the request timeout, closing");
+            return finish(&mut stream, &Reply::Err("request timeout"));
+        }
+        Err(ReadError::Io(e)) => {
+            debug!("{peer}: {e}");
+            return;
+        }
+    };
+    let request = match Request::parse(line, server.config.max_name_len) {
+        Ok(r) => r,
+        Err(reply) => {
+            debug!("{peer}: {reply} for {:?}", String::from_utf8_lossy(line));
+            return finish(&mut stream, &reply);
+        }
+    };
+    match request {
+        Request::Ping => finish(&mut stream, &Reply::Pong),
+        Request::Stats => finish(&mut stream, &Reply::Stats(server.stats_json())),
+        Request::Shutdown => shutdown(server, &mut stream, peer),
+        Request::Lock(req) => {
+            let name: Box<str> = req.name.into();
+            let holder = Holder {
+                conn: id,
+                client_id: req.client_id.map(Into::into),
+                peer: Some(peer),
+                since: Instant::now(),
+            };
+            let decision = server.table().acquire(&name, holder);
+            match decision {
+                Acquire::NotGranted => {
+                    debug!("{peer}: lock {name} not granted");
+                    finish(&mut stream, &Reply::NotGranted);
+                }
+                Acquire::Granted => {
+                    let held = Held { server, name, id };
+                    debug!("{peer}: lock {} granted", held.name);
+                    hold(server, held, &mut stream, &mut reader);
+                }
+            }
+        }
+    }
+}
+
+/// A granted lock. Dropping it frees the lock in the table, so every way out of [`hold`] —
+/// release, disconnect, error, even a panic — gives the lock back.
+struct Held<'a> {
+    server: &'a Server,
+    name: Box<str>,
+    id: ConnId,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.server.table().release(&self.name, self.id);
+    }
+}
+
+fn hold(server: &Server, held: Held, stream: &mut TcpStream, reader: &mut LineReader) {
+    if send(stream, &Reply::Ok).is_err() {
+        return;
+    }
+    loop {
+        let reply = match reader.next_line(stream, None) {
+            Ok(line) => match HeldRequest::parse(line) {
+                Ok(HeldRequest::Release) => {
+                    // Free the lock before saying so: a client that reads `released` and
+                    // tells another to go ahead must find the lock free.
+                    drop(held);
+                    return finish(stream, &Reply::Released);
+                }
+                Ok(HeldRequest::Keepalive) => Reply::Alive,
+                Err(reply) => reply,
+            },
+            Err(ReadError::TooLong) => {
+                drop(held);
+                return finish(stream, &Reply::BadRequest);
+            }
+            Err(ReadError::Eof { .. }) => return watch_half_closed(server, held, stream),
+            Err(ReadError::TimedOut) => continue,
+            Err(ReadError::Io(e)) => {
+                debug!("lock {}: connection lost: {e}", held.name);
+                return;
+            }
+        };
+        if send(stream, &reply).is_err() {
+            return;
+        }
+    }
+}
+
+/// The holder shut down its sending side. It can no longer release, so it holds until it is gone.
+fn watch_half_closed(_server: &Server, held: Held, stream: &mut TcpStream) {
+    debug!("lock {}: holder half-closed; probing", held.name);
+    loop {
+        if send(stream, &Reply::Probe).is_err() || peer_reset_within(stream, PROBE_INTERVAL) {
+            debug!("lock {}: half-closed holder is gone", held.name);
+            return;
+        }
+    }
+}
+
+/// Blocks until the socket reports an error or a hang-up, or `timeout` passes. On a half-closed
+/// socket reads are always ready (end of file), so this polls for nothing but errors.
+fn peer_reset_within(stream: &TcpStream, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd, owned by this frame, for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    n > 0 && pfd.revents & (libc::POLLERR | libc::POLLHUP) != 0
+}
+
+fn shutdown(server: &Server, stream: &mut TcpStream, peer: SocketAddr) {
+    if !server.config.allow_shutdown {
+        warn!("{peer}: .server-shutdown refused (not enabled on this server)");
+        return finish(stream, &Reply::Err("server-shutdown not enabled"));
+    }
+    if !peer.ip().to_canonical().is_loopback() {
+        warn!("{peer}: .server-shutdown refused (only accepted from loopback)");
+        return finish(
+            stream,
+            &Reply::Err("server-shutdown only accepted from loopback"),
+        );
+    }
+    info!("{peer}: .server-shutdown received; exiting");
+    let _ = send(stream, &Reply::ShuttingDown);
+    let _ = stream.shutdown(Shutdown::Write);
+    server.exit();
+}
+
+fn send(stream: &mut TcpStream, reply: &Reply) -> io::Result<()> {
+    stream.write_all(&reply.to_line())
+}
+
+/// Writes the last reply and closes. Bytes the client sent that we never read are drained first:
+/// closing over unread data makes the kernel send a reset, which can destroy the reply before the
+/// client reads it.
+fn finish(stream: &mut TcpStream, reply: &Reply) {
+    if send(stream, reply).is_err() {
+        return;
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+    let mut scratch = [MaybeUninit::<u8>::uninit(); 1024];
+    let socket = socket2::SockRef::from(&*stream);
+    for _ in 0..64 {
+        match socket.recv_with_flags(&mut scratch, libc::MSG_DONTWAIT) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum ReadError {
+    /// End of file; `partial` when an unterminated line came before it.
+    Eof {
+        partial: bool,
+    },
+    TooLong,
+    TimedOut,
+    Io(io::Error),
+}
+
+/// Splits a byte stream into lines using a buffer of fixed size, so a connection costs the same
+/// memory whatever the client sends. Bytes after a line stay buffered for the next call
+/// (a client may send `lock,...\nrelease\n` in one packet).
+struct LineReader {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    max_line: usize,
+    timeout_set: bool,
+}
+
+impl LineReader {
+    fn new(max_line: usize) -> LineReader {
+        LineReader {
+            // Room for the longest line plus its `\r\n`.
+            buf: vec![0; max_line + 2].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            max_line,
+            timeout_set: false,
+        }
+    }
+
+    /// The next line without its `\n` (a `\r` before it is left for the parser to trim).
+    fn next_line(
+        &mut self,
+        stream: &mut TcpStream,
+        deadline: Option<Instant>,
+    ) -> Result<&[u8], ReadError> {
+        let mut scanned = self.start;
+        loop {
+            if let Some(i) = self.buf[scanned..self.end].iter().position(|&b| b == b'\n') {
+                let nl = scanned + i;
+                let line = self.start..nl;
+                self.start = nl + 1;
+                let content = &self.buf[line.clone()];
+                let len = content.len() - usize::from(content.ends_with(b"\r"));
+                if len > self.max_line {
+                    return Err(ReadError::TooLong);
+                }
+                return Ok(&self.buf[line]);
+            }
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            if self.end == self.buf.len() {
+                return Err(ReadError::TooLong);
+            }
+            scanned = self.end;
+            match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(ReadError::TimedOut);
+                    }
+                    stream.set_read_timeout(Some(left)).map_err(ReadError::Io)?;
+                    self.timeout_set = true;
+                }
+                None if self.timeout_set => {
+                    stream.set_read_timeout(None).map_err(ReadError::Io)?;
+                    self.timeout_set = false;
+                }
+                None => {}
+            }
+            match stream.read(&mut self.buf[self.end..]) {
+                Ok(0) => {
+                    return Err(ReadError::Eof {
+                        partial: self.end > self.start,
+                    });
+                }
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) && deadline.is_some() => {}
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Where the listening sockets come from, and the options every accepted socket gets.
+//!
+//! Under systemd socket activation the sockets arrive as inherited descriptors (LISTEN_FDS) and
+//! we serve exactly those; otherwise we bind `--listen` addresses ourselves.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use socket2::{Domain, Socket, TcpKeepalive, Type};
+
+/// One `--listen` value, resolved to the addresses to bind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenSpec {
+    pub text: String,
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// Parses `HOST`, `HOST:PORT`, `IP`, `IP:PORT`, `[IPv6]` or `[IPv6]:PORT`; `default_port` fills in
+/// a missing port. A host name is resolved here and binds every address it resolves to.
+pub fn resolve(text: &str, default_port: u16) -> Result<ListenSpec, String> {
+    let spec = |addrs| {
+        Ok(ListenSpec {
+            text: text.to_owned(),
+            addrs,
+        })
+    };
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return spec(vec![addr]);
+    }
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return spec(vec![SocketAddr::new(ip, default_port)]);
+    }
+    if let Some(ip) = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|_| format!("invalid IPv6 address in --listen {text}"))?;
+        return spec(vec![SocketAddr::new(ip, default_port)]);
+    }
+    let (host, port) = match text.rsplit_once(':') {
+        Some((host, port)) => {
+            let port = port
+                .parse::<u16>()
+                .map_err(|_| format!("invalid port in --listen {text}"))?;
+            (host, port)
+        }
+        None => (text, default_port),
+    };
+    if host.is_empty() || host.contains(':') {
+        return Err(format!(
+            "invalid --listen {text}: expected HOST, HOST:PORT or [IPv6]:PORT"
+        ));
+    }
+    let mut addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve --listen {text}: {e}"))?
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Err(format!("cannot resolve --listen {text}: no addresses"));
+    }
+    spec(addrs)
+}
+
+/// Binds one address the way a server should: SO_REUSEADDR so a restart does not wait out
+/// TIME_WAIT, IPv6 sockets v6-only so `--listen :: --listen 0.0.0.0` can both bind.
+pub fn bind(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
+/// The listening sockets systemd passed us, if any. A passed descriptor that is not a listening
+/// TCP socket is an error in the unit file, reported rather than ignored.
+pub fn from_systemd() -> Result<Vec<TcpListener>, String> {
+    let mut fds = listenfd::ListenFd::from_env();
+    let mut listeners = Vec::with_capacity(fds.len());
+    for i in 0..fds.len() {
+        match fds.take_tcp_listener(i) {
+            Ok(Some(l)) => listeners.push(l),
+            Ok(None) => {}
+            Err(e) => {
+                return Err(format!(
+                    "socket {} passed by systemd (LISTEN_FDS) is not a listening TCP socket: {e}",
+                    i + 3
+                ));
+            }
+        }
+    }
+    Ok(listeners)
+}
+
+/// How fast a vanished peer (no FIN, no RST) is noticed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub time: Duration,
+    pub interval: Duration,
+    pub probes: u32,
+}
+
+impl Keepalive {
+    /// The longest a dead peer can go unnoticed: idle time, then every probe unanswered.
+    pub fn bound(&self) -> Duration {
+        self.time + self.interval * self.probes
+    }
+}
+
+/// Options for every accepted connection: TCP keepalive so that a holder whose host vanished is
+/// dropped, TCP_USER_TIMEOUT so the same bound holds while our own writes go unacknowledged
+/// (keepalive does not probe then), and no Nagle delay on replies.
+pub fn configure_accepted(stream: &TcpStream, keepalive: Option<Keepalive>) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let Some(k) = keepalive else {
+        return Ok(());
+    };
+    let socket = socket2::SockRef::from(stream);
+    socket.set_tcp_keepalive(
+        &TcpKeepalive::new()
+            .with_time(k.time)
+            .with_interval(k.interval)
+            .with_retries(k.probes),
+    )?;
+    socket.set_tcp_user_timeout(Some(k.bound()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(text: &str) -> Vec<String> {
+        resolve(text, 7654)
+            .unwrap()
+            .addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn listen_forms() {
+        assert_eq!(addrs("127.0.0.1"), ["127.0.0.1:7654"]);
+        assert_eq!(addrs("0.0.0.0:80"), ["0.0.0.0:80"]);
+        assert_eq!(addrs("::1"), ["[::1]:7654"]);
+        assert_eq!(addrs("[::]"), ["[::]:7654"]);
+        assert_eq!(addrs("[::1]:9"), ["[::1]:9"]);
+        assert!(addrs("localhost").contains(&"127.0.0.1:7654".to_owned()));
+        assert!(addrs("localhost:1").iter().all(|a| a.ends_with(":1")));
+    }
+
+    #[test]
+    fn bad_listen_values() {
+        for bad in [
+            "",
+            ":80",
+            "[::1",
+            "[nope]",
+            "127.0.0.1:x",
+            "host:99999",
+            "a:b:c",
+        ] {
+            assert!(resolve(bad, 7654).is_err(), "{bad}");
+        }
+    }
+}
