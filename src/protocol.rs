@@ -145,8 +145,6 @@ pub enum Reply {
     Err(&'static str),
     /// `stats,<json>`.
     Stats(String),
-    /// An empty line, written to a half-closed holder to find out whether it is still there.
-    Probe,
 }
 
 impl fmt::Display for Reply {
@@ -162,7 +160,6 @@ impl fmt::Display for Reply {
             Reply::BadRequest => f.write_str("bad-request"),
             Reply::Err(msg) => write!(f, "err,{msg}"),
             Reply::Stats(json) => write!(f, "stats,{json}"),
-            Reply::Probe => Ok(()),
         }
     }
 }
@@ -287,7 +284,7 @@ mod tests {
 
     #[test]
     fn reply_bytes() {
-        let cases: [(Reply, &[u8]); 11] = [
+        let cases: [(Reply, &[u8]); 10] = [
             (Reply::Ok, b"ok\n"),
             (Reply::NotGranted, b"not-granted\n"),
             (Reply::Released, b"released\n"),
@@ -298,7 +295,6 @@ mod tests {
             (Reply::BadRequest, b"bad-request\n"),
             (Reply::Err("invalid lock name"), b"err,invalid lock name\n"),
             (Reply::Stats("{}".into()), b"stats,{}\n"),
-            (Reply::Probe, b"\n"),
         ];
         for (reply, bytes) in cases {
             assert_eq!(reply.to_line(), bytes);

@@ -52,24 +52,36 @@ fn half_close_keeps_the_lock_until_the_socket_is_gone() {
     let (mut a, reply) = try_lock(s.addr, "half");
     assert_eq!(reply, "ok");
     a.half_close();
-    // Long enough for several probes: the holder keeps its lock and sees empty lines.
+    // Long enough for several probes: the holder keeps its lock.
     let until = Instant::now() + Duration::from_millis(2500);
     while Instant::now() < until {
         assert_eq!(try_lock(s.addr, "half").1, "not-granted");
         thread::sleep(Duration::from_millis(250));
     }
+    // The probes are urgent data, there for whoever asks...
+    let mut oob = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    let n = socket2::SockRef::from(&a.stream)
+        .recv_out_of_band(&mut oob)
+        .expect("an urgent-data probe");
+    assert_eq!(n, 1);
+    // SAFETY: recv wrote one byte.
+    assert_eq!(unsafe { oob[0].assume_init() }, b'\n');
+
+    // ...and nothing arrives in the normal stream (reading skips the urgent bytes).
     a.stream
         .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
-    let mut probes = [0u8; 16];
-    let n = a.stream.read(&mut probes).unwrap();
-    assert!(n >= 2, "expected at least two probe lines, got {n} bytes");
-    assert!(
-        probes[..n].iter().all(|&b| b == b'\n'),
-        "{:?}",
-        &probes[..n]
-    );
-
+    let mut buf = [0u8; 16];
+    match a.stream.read(&mut buf) {
+        Ok(n) => panic!("in-band bytes after ok: {:?}", &buf[..n]),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        ),
+    }
     let gone = Instant::now();
     drop(a);
     let took = time_to_regrant(&s, "half", Duration::from_secs(5)).expect("lock never freed");

@@ -4,8 +4,10 @@
 //! "Gone" is decided here, and it is where 0.1.8 was wrong: end-of-file on the socket only means
 //! the client shut down its sending side (`nc -N`, ncat, busybox nc and socat all do so when their
 //! stdin ends) and it may still be waiting for the lock's lifetime to end. So a half-closed holder
-//! keeps its lock, and we find out whether it is really gone by writing an empty line to it: once
-//! the process is dead, its kernel answers the write with a reset.
+//! keeps its lock, and we find out whether it is really gone by sending it data: once the process
+//! is dead, its kernel answers data with a reset. The probe is one byte of TCP urgent data, which
+//! the kernel keeps out of the normal stream, so the client program never reads it (a pipeline
+//! such as `nc ... | head -n 1` would otherwise get a byte on its stdout, or a SIGPIPE).
 
 use std::io::{self, Read, Write};
 use std::mem::MaybeUninit;
@@ -88,7 +90,7 @@ pub fn serve(conn: Conn) {
                 Acquire::Granted => {
                     let held = Held { server, name, id };
                     debug!("{peer}: lock {} granted", held.name);
-                    hold(server, held, &mut stream, &mut reader);
+                    hold(held, &mut stream, &mut reader);
                 }
             }
         }
@@ -109,7 +111,7 @@ impl Drop for Held<'_> {
     }
 }
 
-fn hold(server: &Server, held: Held, stream: &mut TcpStream, reader: &mut LineReader) {
+fn hold(held: Held, stream: &mut TcpStream, reader: &mut LineReader) {
     if send(stream, &Reply::Ok).is_err() {
         return;
     }
@@ -129,7 +131,7 @@ fn hold(server: &Server, held: Held, stream: &mut TcpStream, reader: &mut LineRe
                 drop(held);
                 return finish(stream, &Reply::BadRequest);
             }
-            Err(ReadError::Eof { .. }) => return watch_half_closed(server, held, stream),
+            Err(ReadError::Eof { .. }) => return watch_half_closed(held, stream),
             Err(ReadError::TimedOut) => continue,
             Err(ReadError::Io(e)) => {
                 debug!("lock {}: connection lost: {e}", held.name);
@@ -143,10 +145,12 @@ fn hold(server: &Server, held: Held, stream: &mut TcpStream, reader: &mut LineRe
 }
 
 /// The holder shut down its sending side. It can no longer release, so it holds until it is gone.
-fn watch_half_closed(_server: &Server, held: Held, stream: &mut TcpStream) {
+fn watch_half_closed(held: Held, stream: &mut TcpStream) {
     debug!("lock {}: holder half-closed; probing", held.name);
+    let socket = socket2::SockRef::from(&*stream);
     loop {
-        if send(stream, &Reply::Probe).is_err() || peer_reset_within(stream, PROBE_INTERVAL) {
+        // A `\n`, so that a middlebox which clears the urgent flag turns it into a blank line.
+        if socket.send_out_of_band(b"\n").is_err() || peer_reset_within(stream, PROBE_INTERVAL) {
             debug!("lock {}: half-closed holder is gone", held.name);
             return;
         }

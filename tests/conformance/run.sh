@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Runs the original tcpnetlock 0.1.8 test suite (Python client, tcpnetlock_client/tcpnetlock_do
+# CLIs, protocol) against our Rust server binary.
+#
+#   TCPNETLOCK_BIN=path/to/tcpnetlock bash tests/conformance/run.sh [extra pytest args]
+#
+# TCPNETLOCK_BIN defaults to target/debug/tcpnetlock. The 0.1.8 code is never committed: the sdist
+# is downloaded into a scratch dir ($CARGO_TARGET_DIR or target/, then conformance/) together with
+# a venv; both are reused by later runs. Exits with pytest's status.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$repo"
+bin=$(realpath -m "${TCPNETLOCK_BIN:-target/debug/tcpnetlock}")
+[ -x "$bin" ] || { echo "conformance: no server binary at $bin (cargo build first)" >&2; exit 2; }
+work=$(realpath -m "${CARGO_TARGET_DIR:-target}/conformance")
+sdist_sha256=7a7e83eba4eb43fe5ef5690e2f3251ecf4712be1d04d05df999401c2c8243d2a
+src=$work/tcpnetlock-0.1.8
+mkdir -p "$work"
+
+# tcpnetlock_do's tests run `vmstat` under the lock.
+if ! command -v vmstat >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && apt-get install -y -qq procps >/dev/null
+    else
+        echo "conformance: vmstat is missing; install the procps package" >&2; exit 2
+    fi
+fi
+
+# The marker is written last, so an interrupted install is redone rather than half reused.
+if [ ! -e "$work/venv/.installed" ]; then
+    rm -rf "$work/venv"
+    python3 -m venv "$work/venv"
+    "$work/venv/bin/pip" install -q tcpnetlock==0.1.8 pytest==8.4.2
+    touch "$work/venv/.installed"
+fi
+
+if [ ! -d "$src/tests" ]; then
+    rm -rf "$work/dl" "$src"
+    "$work/venv/bin/pip" download -q --no-binary :all: --no-deps -d "$work/dl" tcpnetlock==0.1.8
+    echo "$sdist_sha256  $work/dl/tcpnetlock-0.1.8.tar.gz" | sha256sum -c --quiet
+    tar -xzf "$work/dl/tcpnetlock-0.1.8.tar.gz" -C "$work"
+fi
+# Copied on every run so edits to our conftest take effect.
+cp tests/conformance/conftest.py "$src/conftest.py"
+
+rm -rf "$work/logs" && mkdir -p "$work/logs"
+export TCPNETLOCK_BIN=$bin TCPNETLOCK_LOG_DIR=$work/logs
+# The CLI tests spawn `python -m tcpnetlock.cli...`: that must be the venv's python.
+export PATH=$work/venv/bin:$PATH
+# The only tests left out: they check the Python server itself, not the wire.
+skip=(
+    # reads the Python server's in-process lock table (lock_server.server._context._locks)
+    --deselect tests/test_functional.py::TestBackgroundThread
+    # runs the Python server's own CLI (tcpnetlock_server) and expects its '[Errno 98]' messages
+    --deselect tests/test_cli_tnl_server.py
+)
+cd "$src"
+status=0
+python -m pytest -p no:cacheprovider -rfE "${skip[@]}" "$@" tests || status=$?
+if [ "$status" != 0 ]; then
+    echo "conformance: FAILED (pytest status $status); server logs in $work/logs" >&2
+fi
+exit "$status"
