@@ -29,13 +29,22 @@ impl Server {
     }
 
     /// Spawns a prepared command whose stderr will contain `listening on ADDR` (or `serving ADDR`).
+    /// systemd's variables reach it only when the test set them on `cmd`.
     pub fn spawn(mut cmd: Command) -> Server {
+        for var in [
+            "NOTIFY_SOCKET",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+        ] {
+            if !cmd.get_envs().any(|(k, _)| k == var) {
+                cmd.env_remove(var);
+            }
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID");
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start tcpnetlock");
         let stderr = child.stderr.take().unwrap();
         let (addr, log) = read_addr(stderr);
@@ -220,4 +229,27 @@ pub fn require_tool(tool: &str, package: &str) -> String {
         "{tool} is missing: install the Debian package {package} (bash .ci/run does)"
     );
     path
+}
+
+/// A scratch directory, removed on drop.
+pub struct TempDir {
+    pub path: std::path::PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("tcpnetlock-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
