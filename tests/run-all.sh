@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: installs what the tests drive, then checks formatting,
+# lints, and runs every unit and integration test (Python 0.1.8 conformance included).
+#
+#   bash tests/run-all.sh
+#
+# System packages are installed with apt-get when missing (root needed for that step only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The tests start real clients and tools: every nc variant, socat, busybox, bash's /dev/tcp,
+# systemd-socket-activate, ss, vmstat (0.1.8's CLI tests), python3 with venv (0.1.8 itself).
+packages=(netcat-openbsd netcat-traditional ncat busybox socat systemd iproute2 procps)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "run-all: missing packages: ${missing[*]}; run as root or: apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "run-all: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+python3 -c 'import venv' || { echo "run-all: python3 with the venv module is needed" >&2; exit 1; }
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+set -x
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
+cargo test
