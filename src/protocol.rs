@@ -7,13 +7,22 @@
 //! A line is `action[,key:value]*`. Whitespace around the action, keys and values is ignored,
 //! a trailing `\r` (telnet) with it. A parameter without `:` has an empty value; when a key repeats,
 //! the last value wins (both as in 0.1.8). See docs/PROTOCOL.md.
+//!
+//! Protocol v2 adds opt-in parameters to `lock` (`wait`, `fencing`, `max`, `ttl`) and the
+//! `.locks` action; a v1 request gets exactly the v1 bytes back.
 
+use std::borrow::Cow;
 use std::fmt;
+use std::time::Duration;
 
 /// Longest lock name accepted unless the server is told otherwise.
 pub const DEFAULT_MAX_NAME_LEN: usize = 128;
 /// Longest client-id accepted. Not configurable: it only labels a holder.
 pub const MAX_CLIENT_ID_LEN: usize = 128;
+/// Longest `wait:` and `ttl:`: one week.
+pub const MAX_SECONDS: u64 = 7 * 24 * 3600;
+/// Largest `max:` (semaphore size).
+pub const MAX_HOLDERS: u32 = 65_535;
 
 /// One request line split into its action and parameters, borrowing from the line.
 #[derive(Debug, PartialEq, Eq)]
@@ -58,6 +67,7 @@ pub enum Request<'a> {
     Lock(LockRequest<'a>),
     Ping,
     Stats,
+    Locks,
     Shutdown,
 }
 
@@ -65,6 +75,104 @@ pub enum Request<'a> {
 pub struct LockRequest<'a> {
     pub name: &'a str,
     pub client_id: Option<&'a str>,
+    /// `wait:S` — queue for up to S instead of being refused.
+    pub wait: Option<Duration>,
+    /// `fencing:1` — the grant line carries the token.
+    pub fencing: bool,
+    /// `max:K` — up to K holders at once; 1 for a plain lock.
+    pub max: u32,
+    /// `ttl:S` — revoke the lock after S without a request from the holder.
+    pub ttl: Option<Duration>,
+}
+
+impl<'a> LockRequest<'a> {
+    /// A plain v1 lock request.
+    pub fn plain(name: &'a str) -> LockRequest<'a> {
+        LockRequest {
+            name,
+            client_id: None,
+            wait: None,
+            fencing: false,
+            max: 1,
+            ttl: None,
+        }
+    }
+
+    fn parse(line: &Line<'a>, max_name_len: usize) -> Result<LockRequest<'a>, Reply> {
+        const KNOWN: [&str; 6] = ["name", "client-id", "wait", "fencing", "max", "ttl"];
+        // A typo such as `wiat:30` must not silently become a try-lock.
+        if let Some((key, _)) = line.params.iter().find(|(k, _)| !KNOWN.contains(k)) {
+            let msg = format!("unknown parameter {}", printable(key));
+            return Err(Reply::Err(msg.into()));
+        }
+        let name = line.param("name").unwrap_or("");
+        if !valid_lock_name(name, max_name_len) {
+            return Err(Reply::err("invalid lock name"));
+        }
+        let client_id = line.param("client-id");
+        if client_id.is_some_and(|id| !valid_client_id(id)) {
+            return Err(Reply::err("invalid client-id"));
+        }
+        let wait = match line.param("wait") {
+            None => None,
+            Some(v) => Some(parse_seconds(v).ok_or(Reply::err(
+                "invalid wait: expected seconds from 0 to 604800",
+            ))?),
+        };
+        let ttl = match line.param("ttl") {
+            None => None,
+            Some(v) => Some(parse_seconds(v).filter(|d| !d.is_zero()).ok_or(Reply::err(
+                "invalid ttl: expected seconds above 0, at most 604800",
+            ))?),
+        };
+        let fencing = match line.param("fencing") {
+            None | Some("0") => false,
+            Some("1") => true,
+            Some(_) => return Err(Reply::err("invalid fencing: expected 0 or 1")),
+        };
+        let max = match line.param("max") {
+            None => 1,
+            Some(v) => v
+                .parse::<u32>()
+                .ok()
+                .filter(|k| (1..=MAX_HOLDERS).contains(k) && v.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or(Reply::err("invalid max: expected 1 to 65535"))?,
+        };
+        Ok(LockRequest {
+            name,
+            client_id,
+            wait,
+            fencing,
+            max,
+            ttl,
+        })
+    }
+}
+
+/// Decimal seconds, `[0-9]+(.[0-9]{1,9})?`, at most [`MAX_SECONDS`]. Stricter than a float parse:
+/// no sign, exponent, `inf` or `NaN`.
+pub fn parse_seconds(text: &str) -> Option<Duration> {
+    let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(whole) || (text.contains('.') && (!digits(frac) || frac.len() > 9)) {
+        return None;
+    }
+    let secs: u64 = whole.parse().ok().filter(|s| *s <= MAX_SECONDS)?;
+    let nanos: u32 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<9}").parse().ok()?
+    };
+    let d = Duration::new(secs, nanos);
+    (d <= Duration::from_secs(MAX_SECONDS)).then_some(d)
+}
+
+/// Client text echoed in an error line: at most 64 characters, control characters replaced.
+fn printable(text: &str) -> String {
+    text.chars()
+        .take(64)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 impl<'a> Request<'a> {
@@ -75,19 +183,10 @@ impl<'a> Request<'a> {
             return Err(Reply::BadRequest);
         }
         match line.action {
-            "lock" => {
-                let name = line.param("name").unwrap_or("");
-                if !valid_lock_name(name, max_name_len) {
-                    return Err(Reply::Err("invalid lock name"));
-                }
-                let client_id = line.param("client-id");
-                if client_id.is_some_and(|id| !valid_client_id(id)) {
-                    return Err(Reply::Err("invalid client-id"));
-                }
-                Ok(Request::Lock(LockRequest { name, client_id }))
-            }
+            "lock" => Ok(Request::Lock(LockRequest::parse(&line, max_name_len)?)),
             ".ping" => Ok(Request::Ping),
             ".stats" => Ok(Request::Stats),
+            ".locks" => Ok(Request::Locks),
             ".server-shutdown" => Ok(Request::Shutdown),
             _ => Err(Reply::BadAction),
         }
@@ -141,10 +240,16 @@ pub enum Reply {
     ShuttingDown,
     BadAction,
     BadRequest,
+    /// `ok,token:N`: a grant asked for with `fencing:1`.
+    OkToken(u64),
+    /// A lease ran out (`ttl:`); the connection closes after it.
+    Expired,
     /// `err,<message>`; the message never contains a newline.
-    Err(&'static str),
+    Err(Cow<'static, str>),
     /// `stats,<json>`.
     Stats(String),
+    /// `locks,<json>`.
+    Locks(String),
 }
 
 impl fmt::Display for Reply {
@@ -158,13 +263,29 @@ impl fmt::Display for Reply {
             Reply::ShuttingDown => f.write_str("shutting-down"),
             Reply::BadAction => f.write_str("bad-action"),
             Reply::BadRequest => f.write_str("bad-request"),
+            Reply::OkToken(token) => write!(f, "ok,token:{token}"),
+            Reply::Expired => f.write_str("expired"),
             Reply::Err(msg) => write!(f, "err,{msg}"),
             Reply::Stats(json) => write!(f, "stats,{json}"),
+            Reply::Locks(json) => write!(f, "locks,{json}"),
         }
     }
 }
 
 impl Reply {
+    pub fn err(message: &'static str) -> Reply {
+        Reply::Err(Cow::Borrowed(message))
+    }
+
+    /// The grant line: `ok`, or `ok,token:N` when the client asked for fencing.
+    pub fn granted(token: u64, fencing: bool) -> Reply {
+        if fencing {
+            Reply::OkToken(token)
+        } else {
+            Reply::Ok
+        }
+    }
+
     /// The reply as it goes on the wire, `\n` included.
     pub fn to_line(&self) -> Vec<u8> {
         format!("{self}\n").into_bytes()
@@ -182,7 +303,87 @@ mod tests {
     fn lock(name: &str, client_id: Option<&str>) -> Request<'static> {
         let name: &'static str = Box::leak(name.to_owned().into_boxed_str());
         let client_id = client_id.map(|c| &*Box::leak(c.to_owned().into_boxed_str()));
-        Request::Lock(LockRequest { name, client_id })
+        Request::Lock(LockRequest {
+            client_id,
+            ..LockRequest::plain(name)
+        })
+    }
+
+    fn lock_v2(line: &str) -> LockRequest<'_> {
+        match parse(line) {
+            Ok(Request::Lock(r)) => r,
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn v2_parameters() {
+        let r = lock_v2("lock,name:a,wait:2.5,fencing:1,max:3,ttl:10,client-id:c");
+        assert_eq!(r.wait, Some(Duration::from_millis(2500)));
+        assert!(r.fencing);
+        assert_eq!(r.max, 3);
+        assert_eq!(r.ttl, Some(Duration::from_secs(10)));
+        assert_eq!(r.client_id, Some("c"));
+        assert_eq!(lock_v2("lock,name:a,wait:0").wait, Some(Duration::ZERO));
+        assert!(!lock_v2("lock,name:a,fencing:0").fencing);
+        assert_eq!(lock_v2("lock,name:a,max:65535").max, 65535);
+        assert_eq!(
+            lock_v2("lock,name:a,wait:604800.000000000").wait,
+            Some(Duration::from_secs(604_800))
+        );
+        assert_eq!(
+            lock_v2("lock,name:a,ttl:0.000000001").ttl,
+            Some(Duration::from_nanos(1))
+        );
+        // Last value wins, as for every parameter.
+        assert_eq!(lock_v2("lock,name:a,max:2,max:4").max, 4);
+        assert_eq!(parse("lock,name:a"), Ok(lock("a", None)));
+    }
+
+    #[test]
+    fn v2_bad_values() {
+        let cases = [
+            ("wait", ["-1", "1e3", "NaN", "inf", "", "1.", ".5", "604800.1", "999999999999999999999", "1.0000000001", "+1", " 1x"]),
+            ("ttl", ["0", "0.0", "-1", "NaN", "", "604801", "abc", "1,5", "1:5", "0x10", "1_0", "½"]),
+        ];
+        for (key, values) in cases {
+            for v in values {
+                let line = format!("lock,name:a,{key}:{v}");
+                match parse(&line) {
+                    Err(Reply::Err(msg)) => assert!(msg.starts_with(&format!("invalid {key}")) || msg.starts_with("unknown parameter"), "{line}: {msg}"),
+                    other => panic!("{line}: {other:?}"),
+                }
+            }
+        }
+        for v in ["0", "65536", "-1", "1.5", "", "+2", "x", "4294967297"] {
+            let line = format!("lock,name:a,max:{v}");
+            assert_eq!(parse(&line), Err(Reply::err("invalid max: expected 1 to 65535")), "{line}");
+        }
+        for v in ["2", "yes", "true", ""] {
+            let line = format!("lock,name:a,fencing:{v}");
+            assert_eq!(parse(&line), Err(Reply::err("invalid fencing: expected 0 or 1")), "{line}");
+        }
+    }
+
+    #[test]
+    fn unknown_parameters_are_refused() {
+        assert_eq!(
+            parse("lock,name:a,wiat:30"),
+            Err(Reply::Err("unknown parameter wiat".into()))
+        );
+        assert_eq!(
+            parse("lock,name:a,color"),
+            Err(Reply::Err("unknown parameter color".into()))
+        );
+        let long = "k".repeat(100);
+        match parse(&format!("lock,name:a,{long}:1")) {
+            Err(Reply::Err(msg)) => assert_eq!(msg.len(), "unknown parameter ".len() + 64),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            parse("lock,name:a,\u{7}:1"),
+            Err(Reply::Err("unknown parameter ?".into()))
+        );
     }
 
     #[test]
@@ -197,8 +398,6 @@ mod tests {
             Ok(lock("space_is_ignored", None))
         );
         assert_eq!(parse("lock,name:a,name:b"), Ok(lock("b", None)));
-        // 0.1.8 ignores parameters it does not know.
-        assert_eq!(parse("lock,name:a,color:blue"), Ok(lock("a", None)));
     }
 
     #[test]
@@ -213,17 +412,17 @@ mod tests {
             "lock,name:a/b",
             "lock,client-id:x",
         ] {
-            assert_eq!(parse(line), Err(Reply::Err("invalid lock name")), "{line}");
+            assert_eq!(parse(line), Err(Reply::err("invalid lock name")), "{line}");
         }
         let longest = "n".repeat(DEFAULT_MAX_NAME_LEN);
         assert!(parse(&format!("lock,name:{longest}")).is_ok());
         assert_eq!(
             parse(&format!("lock,name:{longest}n")),
-            Err(Reply::Err("invalid lock name"))
+            Err(Reply::err("invalid lock name"))
         );
         assert_eq!(
             Request::parse(b"lock,name:abcd", 3),
-            Err(Reply::Err("invalid lock name"))
+            Err(Reply::err("invalid lock name"))
         );
     }
 
@@ -231,7 +430,7 @@ mod tests {
     fn invalid_client_ids() {
         for id in ["", "a b", "a:b", "x/y", &"c".repeat(MAX_CLIENT_ID_LEN + 1)] {
             let line = format!("lock,name:a,client-id:{id}");
-            assert_eq!(parse(&line), Err(Reply::Err("invalid client-id")), "{line}");
+            assert_eq!(parse(&line), Err(Reply::err("invalid client-id")), "{line}");
         }
     }
 
@@ -240,6 +439,7 @@ mod tests {
         assert_eq!(parse(".ping"), Ok(Request::Ping));
         assert_eq!(parse(" .ping \r"), Ok(Request::Ping));
         assert_eq!(parse(".stats"), Ok(Request::Stats));
+        assert_eq!(parse(".locks"), Ok(Request::Locks));
         assert_eq!(parse(".server-shutdown"), Ok(Request::Shutdown));
         assert_eq!(parse("release"), Err(Reply::BadAction));
         assert_eq!(parse(".keepalive"), Err(Reply::BadAction));
@@ -284,7 +484,11 @@ mod tests {
 
     #[test]
     fn reply_bytes() {
-        let cases: [(Reply, &[u8]); 10] = [
+        let cases: [(Reply, &[u8]); 14] = [
+            (Reply::granted(7, false), b"ok\n"),
+            (Reply::granted(7, true), b"ok,token:7\n"),
+            (Reply::Expired, b"expired\n"),
+            (Reply::Locks("{}".into()), b"locks,{}\n"),
             (Reply::Ok, b"ok\n"),
             (Reply::NotGranted, b"not-granted\n"),
             (Reply::Released, b"released\n"),
@@ -293,7 +497,7 @@ mod tests {
             (Reply::ShuttingDown, b"shutting-down\n"),
             (Reply::BadAction, b"bad-action\n"),
             (Reply::BadRequest, b"bad-request\n"),
-            (Reply::Err("invalid lock name"), b"err,invalid lock name\n"),
+            (Reply::err("invalid lock name"), b"err,invalid lock name\n"),
             (Reply::Stats("{}".into()), b"stats,{}\n"),
         ];
         for (reply, bytes) in cases {

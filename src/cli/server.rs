@@ -52,6 +52,11 @@ pub struct ServerArgs {
     #[arg(long, value_name = "N", default_value_t = 4)]
     keepalive_probes: u32,
 
+    /// Directory for state kept across restarts: the fencing-token reservation, so tokens keep
+    /// growing even if the clock steps back (systemd: StateDirectory=).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<std::path::PathBuf>,
+
     /// Obey `.server-shutdown`, from loopback peers only. Without this flag it is refused.
     #[arg(long)]
     allow_shutdown_from_loopback: bool,
@@ -126,6 +131,7 @@ impl ServerArgs {
             request_timeout: self.request_timeout,
             keepalive,
             allow_shutdown: self.allow_shutdown_from_loopback,
+            state_dir: self.state_dir.clone(),
             ..Config::default()
         })
     }
@@ -136,24 +142,33 @@ pub fn run(args: ServerArgs) -> Result<(), Fail> {
     crate::log::init(args.log.clone(), args.level()).map_err(|e| Fail::new(EXIT_USAGE, &e))?;
     server::raise_fd_limit();
 
-    let listeners = listeners(&args)?;
-    let server = Server::new(config);
+    let (listeners, passed) = listeners(&args)?;
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().map_or("?".into(), |a| a.to_string()))
+        .collect();
+    let server = Server::new(config).map_err(|e| {
+        Fail::new(EXIT_USAGE, &format!("cannot keep the fencing-token reservation: {e}"))
+    })?;
     server
         .start(listeners)
-        .map_err(|e| Fail::new(1, &format!("cannot start the acceptor threads: {e}")))?;
+        .map_err(|e| Fail::new(1, &format!("cannot start the server's threads: {e}")))?;
+    // Logged once every thread runs: tests and operators may take this line as "ready".
+    for addr in addrs {
+        if passed {
+            info!("serving {addr} (socket passed by systemd)");
+        } else {
+            info!("listening on {addr}");
+        }
+    }
     notify::run(server)
 }
 
-fn listeners(args: &ServerArgs) -> Result<Vec<TcpListener>, Fail> {
+/// The sockets to serve, and whether systemd passed them.
+fn listeners(args: &ServerArgs) -> Result<(Vec<TcpListener>, bool), Fail> {
     let passed = listen::from_systemd().map_err(|e| Fail::new(EXIT_USAGE, &e))?;
     if !passed.is_empty() {
-        for l in &passed {
-            match l.local_addr() {
-                Ok(addr) => info!("serving {addr} (socket passed by systemd)"),
-                Err(_) => info!("serving a socket passed by systemd"),
-            }
-        }
-        return Ok(passed);
+        return Ok((passed, true));
     }
     let mut bound = Vec::new();
     for text in &args.listen {
@@ -163,7 +178,6 @@ fn listeners(args: &ServerArgs) -> Result<Vec<TcpListener>, Fail> {
         for addr in &spec.addrs {
             match listen::bind(*addr, 4096) {
                 Ok(l) => {
-                    info!("listening on {}", l.local_addr().unwrap_or(*addr));
                     bound.push(l);
                     any = true;
                 }
@@ -180,7 +194,7 @@ fn listeners(args: &ServerArgs) -> Result<Vec<TcpListener>, Fail> {
             ));
         }
     }
-    Ok(bound)
+    Ok((bound, false))
 }
 
 fn bind_failure(addr: &std::net::SocketAddr, e: &std::io::Error) -> Fail {

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 
 use super::Server;
-use crate::protocol::{HeldRequest, Reply, Request};
-use crate::table::{Acquire, ConnId, Holder};
+use crate::protocol::{HeldRequest, LockRequest, Reply, Request};
+use crate::table::{self, ConnId, Decision, State};
 
 /// How often a half-closed holder is probed. The lock is freed within about twice this after the
 /// client process dies (the write that provokes the reset, then the wait for it).
@@ -36,9 +36,38 @@ pub struct Conn {
     pub _open: super::OpenGuard,
 }
 
+/// How other threads reach a connection that holds or waits for a lock: a releasing client's
+/// thread writes `ok` to the next waiter, the timer thread writes `expired` or `not-granted`.
+/// The lock table keeps one of these per holder and waiter, and hands it back in its events.
+#[derive(Debug)]
+pub struct Link {
+    pub stream: TcpStream,
+    pub name: Box<str>,
+    pub fencing: bool,
+}
+
+impl Link {
+    /// Writes `reply` without ever blocking: this runs on somebody else's thread. A client whose
+    /// socket buffer is full is not reading; it is treated as gone.
+    pub fn notify(&self, reply: &Reply) -> io::Result<()> {
+        let line = reply.to_line();
+        let sent = socket2::SockRef::from(&self.stream).send_with_flags(&line, libc::MSG_DONTWAIT)?;
+        if sent < line.len() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(())
+    }
+
+    /// Ends the connection from another thread: its own thread wakes up (end of file), finds
+    /// itself out of the table and exits.
+    pub fn hang_up(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
 pub fn serve(conn: Conn) {
     let Conn {
-        mut stream,
+        stream,
         peer,
         id,
         server,
@@ -47,15 +76,15 @@ pub fn serve(conn: Conn) {
     let server = &*server;
     let mut reader = LineReader::new(server.config.max_line);
     let deadline = Instant::now() + server.config.request_timeout;
-    let line = match reader.next_line(&mut stream, Some(deadline)) {
+    let line = match reader.next_line(&stream, Some(deadline)) {
         Ok(line) => line,
         Err(ReadError::Eof { partial: false }) => return,
         Err(ReadError::Eof { partial: true }) | Err(ReadError::TooLong) => {
-            return finish(&mut stream, &Reply::BadRequest);
+            return finish(&stream, &Reply::BadRequest);
         }
         Err(ReadError::TimedOut) => {
             debug!("{peer}: no complete request within the request timeout, closing");
-            return finish(&mut stream, &Reply::Err("request timeout"));
+            return finish(&stream, &Reply::err("request timeout"));
         }
         Err(ReadError::Io(e)) => {
             debug!("{peer}: {e}");
@@ -66,94 +95,178 @@ pub fn serve(conn: Conn) {
         Ok(r) => r,
         Err(reply) => {
             debug!("{peer}: {reply} for {:?}", String::from_utf8_lossy(line));
-            return finish(&mut stream, &reply);
+            return finish(&stream, &reply);
         }
     };
     match request {
-        Request::Ping => finish(&mut stream, &Reply::Pong),
-        Request::Stats => finish(&mut stream, &Reply::Stats(server.stats_json())),
-        Request::Shutdown => shutdown(server, &mut stream, peer),
+        Request::Ping => finish(&stream, &Reply::Pong),
+        Request::Stats => finish(&stream, &Reply::Stats(server.stats_json())),
+        Request::Locks => finish(&stream, &Reply::Locks(server.locks_json())),
+        Request::Shutdown => shutdown(server, &stream, peer),
         Request::Lock(req) => {
-            let name: Box<str> = req.name.into();
-            let holder = Holder {
-                conn: id,
-                client_id: req.client_id.map(Into::into),
-                peer: Some(peer),
-                since: Instant::now(),
-            };
-            let decision = server.table().acquire(&name, holder);
-            match decision {
-                Acquire::NotGranted => {
-                    debug!("{peer}: lock {name} not granted");
-                    finish(&mut stream, &Reply::NotGranted);
-                }
-                Acquire::Granted => {
-                    let held = Held { server, name, id };
-                    debug!("{peer}: lock {} granted", held.name);
-                    hold(held, &mut stream, &mut reader);
-                }
+            let session = Session::start(server, stream, peer, id, &req);
+            if let Some(session) = session {
+                session.run(&mut reader);
             }
         }
     }
 }
 
-/// A granted lock. Dropping it frees the lock in the table, so every way out of [`hold`] —
-/// release, disconnect, error, even a panic — gives the lock back.
-struct Held<'a> {
+/// A connection that holds or waits for a lock. Dropping it takes the connection out of the
+/// table and hands its place on, so every way out — release, disconnect, error, even a panic —
+/// gives the lock back.
+struct Session<'a> {
     server: &'a Server,
-    name: Box<str>,
+    link: Arc<Link>,
     id: ConnId,
+    peer: SocketAddr,
 }
 
-impl Drop for Held<'_> {
-    fn drop(&mut self) {
-        self.server.table().release(&self.name, self.id);
+impl<'a> Session<'a> {
+    /// Asks the table; answers at once unless the request was queued. None when the connection
+    /// is already finished (refused).
+    fn start(
+        server: &'a Server,
+        stream: TcpStream,
+        peer: SocketAddr,
+        id: ConnId,
+        req: &LockRequest,
+    ) -> Option<Session<'a>> {
+        let link = Arc::new(Link {
+            stream,
+            name: req.name.into(),
+            fencing: req.fencing,
+        });
+        let decision = server.table().lock(
+            &link.name,
+            table::LockRequest {
+                conn: id,
+                client_id: req.client_id.map(Into::into),
+                peer: Some(peer),
+                max: req.max,
+                wait: req.wait,
+                ttl: req.ttl,
+                handle: Arc::clone(&link),
+            },
+            Instant::now(),
+        );
+        if req.wait.is_some() || req.ttl.is_some() {
+            server.timer.notify_one();
+        }
+        let name = &link.name;
+        let session = Session {
+            server,
+            link: Arc::clone(&link),
+            id,
+            peer,
+        };
+        match decision {
+            Decision::Granted { token } => {
+                debug!("{peer}: lock {name} granted (token {token})");
+                if send(&link.stream, &Reply::granted(token, link.fencing)).is_err() {
+                    return None; // dropping the session frees the lock
+                }
+            }
+            Decision::Queued => debug!("{peer}: lock {name} queued"),
+            Decision::NotGranted => {
+                debug!("{peer}: lock {name} not granted");
+                finish(&link.stream, &Reply::NotGranted);
+                return None;
+            }
+            Decision::MaxMismatch { max } => {
+                debug!("{peer}: lock {name} max:{} refused, held with max:{max}", req.max);
+                let msg = format!("max mismatch: {name} is held with max:{max}");
+                finish(&link.stream, &Reply::Err(msg.into()));
+                return None;
+            }
+        }
+        Some(session)
     }
-}
 
-fn hold(held: Held, stream: &mut TcpStream, reader: &mut LineReader) {
-    if send(stream, &Reply::Ok).is_err() {
-        return;
-    }
-    loop {
-        let reply = match reader.next_line(stream, None) {
-            Ok(line) => match HeldRequest::parse(line) {
+    fn run(self, reader: &mut LineReader) {
+        let stream = &self.link.stream;
+        loop {
+            let line = match reader.next_line(stream, None) {
+                Ok(line) => line,
+                Err(ReadError::TooLong) => {
+                    self.leave();
+                    return finish(stream, &Reply::BadRequest);
+                }
+                Err(ReadError::Eof { .. }) => {
+                    // Either the client half-closed, or another thread hung up on it after an
+                    // expiry or a timeout (the table no longer has it).
+                    if self.state() != State::Absent {
+                        self.watch_half_closed();
+                    }
+                    return;
+                }
+                Err(ReadError::TimedOut) => continue,
+                Err(ReadError::Io(e)) => {
+                    debug!("{}: lock {}: connection lost: {e}", self.peer, self.link.name);
+                    return;
+                }
+            };
+            let request = HeldRequest::parse(line);
+            // Any request renews a lease. A connection the table no longer has was told why by
+            // the thread that took it out; it says nothing more.
+            if self.server.table().activity(&self.link.name, self.id, Instant::now())
+                == State::Absent
+            {
+                return;
+            }
+            let reply = match request {
                 Ok(HeldRequest::Release) => {
                     // Free the lock before saying so: a client that reads `released` and
                     // tells another to go ahead must find the lock free.
-                    drop(held);
+                    self.leave();
                     return finish(stream, &Reply::Released);
                 }
                 Ok(HeldRequest::Keepalive) => Reply::Alive,
                 Err(reply) => reply,
-            },
-            Err(ReadError::TooLong) => {
-                drop(held);
-                return finish(stream, &Reply::BadRequest);
-            }
-            Err(ReadError::Eof { .. }) => return watch_half_closed(held, stream),
-            Err(ReadError::TimedOut) => continue,
-            Err(ReadError::Io(e)) => {
-                debug!("lock {}: connection lost: {e}", held.name);
+            };
+            if send(stream, &reply).is_err() {
                 return;
             }
-        };
-        if send(stream, &reply).is_err() {
-            return;
+        }
+    }
+
+    fn state(&self) -> State {
+        self.server.table().state(&self.link.name, self.id)
+    }
+
+    /// Leaves the table and hands the place on. Idempotent: the table ignores a second call.
+    fn leave(&self) {
+        let (was, events) = self
+            .server
+            .table()
+            .leave(&self.link.name, self.id, Instant::now());
+        if was != State::Absent {
+            debug!("{}: lock {}: left ({was:?})", self.peer, self.link.name);
+        }
+        self.server.deliver(events);
+    }
+
+    /// The client shut down its sending side. It can no longer release, so it holds (or waits)
+    /// until it is gone, or until the table lets it go (lease, wait timeout).
+    fn watch_half_closed(&self) {
+        debug!("{}: lock {}: half-closed; probing", self.peer, self.link.name);
+        let socket = socket2::SockRef::from(&self.link.stream);
+        loop {
+            // A `\n`, so that a middlebox which clears the urgent flag turns it into a blank
+            // line.
+            if socket.send_out_of_band(b"\n").is_err()
+                || peer_reset_within(&self.link.stream, PROBE_INTERVAL)
+            {
+                debug!("{}: lock {}: half-closed client is gone", self.peer, self.link.name);
+                return;
+            }
         }
     }
 }
 
-/// The holder shut down its sending side. It can no longer release, so it holds until it is gone.
-fn watch_half_closed(held: Held, stream: &mut TcpStream) {
-    debug!("lock {}: holder half-closed; probing", held.name);
-    let socket = socket2::SockRef::from(&*stream);
-    loop {
-        // A `\n`, so that a middlebox which clears the urgent flag turns it into a blank line.
-        if socket.send_out_of_band(b"\n").is_err() || peer_reset_within(stream, PROBE_INTERVAL) {
-            debug!("lock {}: half-closed holder is gone", held.name);
-            return;
-        }
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        self.leave();
     }
 }
 
@@ -171,16 +284,16 @@ fn peer_reset_within(stream: &TcpStream, timeout: Duration) -> bool {
     n > 0 && pfd.revents & (libc::POLLERR | libc::POLLHUP) != 0
 }
 
-fn shutdown(server: &Server, stream: &mut TcpStream, peer: SocketAddr) {
+fn shutdown(server: &Server, stream: &TcpStream, peer: SocketAddr) {
     if !server.config.allow_shutdown {
         warn!("{peer}: .server-shutdown refused (not enabled on this server)");
-        return finish(stream, &Reply::Err("server-shutdown not enabled"));
+        return finish(stream, &Reply::err("server-shutdown not enabled"));
     }
     if !peer.ip().to_canonical().is_loopback() {
         warn!("{peer}: .server-shutdown refused (only accepted from loopback)");
         return finish(
             stream,
-            &Reply::Err("server-shutdown only accepted from loopback"),
+            &Reply::err("server-shutdown only accepted from loopback"),
         );
     }
     info!("{peer}: .server-shutdown received; exiting");
@@ -189,20 +302,20 @@ fn shutdown(server: &Server, stream: &mut TcpStream, peer: SocketAddr) {
     server.exit();
 }
 
-fn send(stream: &mut TcpStream, reply: &Reply) -> io::Result<()> {
+fn send(mut stream: &TcpStream, reply: &Reply) -> io::Result<()> {
     stream.write_all(&reply.to_line())
 }
 
 /// Writes the last reply and closes. Bytes the client sent that we never read are drained first:
 /// closing over unread data makes the kernel send a reset, which can destroy the reply before the
 /// client reads it.
-fn finish(stream: &mut TcpStream, reply: &Reply) {
+fn finish(stream: &TcpStream, reply: &Reply) {
     if send(stream, reply).is_err() {
         return;
     }
     let _ = stream.shutdown(Shutdown::Write);
     let mut scratch = [MaybeUninit::<u8>::uninit(); 1024];
-    let socket = socket2::SockRef::from(&*stream);
+    let socket = socket2::SockRef::from(stream);
     for _ in 0..64 {
         match socket.recv_with_flags(&mut scratch, libc::MSG_DONTWAIT) {
             Ok(n) if n > 0 => continue,
@@ -248,7 +361,7 @@ impl LineReader {
     /// The next line without its `\n` (a `\r` before it is left for the parser to trim).
     fn next_line(
         &mut self,
-        stream: &mut TcpStream,
+        mut stream: &TcpStream,
         deadline: Option<Instant>,
     ) -> Result<&[u8], ReadError> {
         let mut scanned = self.start;

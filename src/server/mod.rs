@@ -10,19 +10,22 @@ pub mod conn;
 pub mod listen;
 pub mod notify;
 pub mod pool;
+pub mod tokens;
 
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
-use crate::table::{ConnId, Table};
-use conn::Conn;
+use crate::protocol::Reply;
+use crate::table::{ConnId, Event, Table};
+use conn::{Conn, Link};
 use listen::Keepalive;
 
 /// Everything the operator can tune; each field is a `tcpnetlock server` flag.
@@ -35,6 +38,8 @@ pub struct Config {
     pub keepalive: Option<Keepalive>,
     pub allow_shutdown: bool,
     pub idle_worker_timeout: Duration,
+    /// Where the fencing-token reservation is kept across restarts (see [`tokens`]).
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -51,6 +56,7 @@ impl Default for Config {
             }),
             allow_shutdown: false,
             idle_worker_timeout: Duration::from_secs(30),
+            state_dir: None,
         }
     }
 }
@@ -61,7 +67,10 @@ const WORKER_STACK: usize = 128 * 1024;
 
 pub struct Server {
     pub config: Config,
-    table: Mutex<Table>,
+    table: Mutex<Table<Arc<Link>>>,
+    /// Wakes the timer thread when a new deadline (wait or lease) may be sooner than the one it
+    /// sleeps towards. Paired with `table`.
+    pub timer: Condvar,
     pool: pool::Pool<Conn>,
     started: Instant,
     /// Connections accepted since start (0.1.8's `requests_count`).
@@ -73,6 +82,7 @@ pub struct Server {
     /// descriptors: otherwise the pending connection stays in the backlog and accept() fails at
     /// once, forever, spinning a core.
     reserve_fd: Mutex<Option<TcpListener>>,
+    tokens: Mutex<tokens::Tokens>,
 }
 
 /// Keeps [`Server::open`] right however a connection ends.
@@ -85,22 +95,35 @@ impl Drop for OpenGuard {
 }
 
 impl Server {
-    pub fn new(config: Config) -> Arc<Server> {
+    /// Fails only when the token reservation in `--state-dir` cannot be read or written.
+    pub fn new(config: Config) -> io::Result<Arc<Server>> {
         let idle = config.idle_worker_timeout;
-        Arc::new(Server {
+        let (first_token, tokens) = tokens::Tokens::start(config.state_dir.as_deref())?;
+        Ok(Arc::new(Server {
             config,
-            table: Mutex::new(Table::new()),
+            table: Mutex::new(Table::new(first_token)),
+            timer: Condvar::new(),
             pool: pool::Pool::new(idle, WORKER_STACK, conn::serve),
             started: Instant::now(),
             requests: AtomicU64::new(0),
             open: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             reserve_fd: Mutex::new(None),
-        })
+            tokens: Mutex::new(tokens),
+        }))
+    }
+
+    /// Keeps the stored token reservation ahead of the grants; called by the status loop.
+    pub fn keep_tokens_ahead(&self) {
+        let next = self.table().next_token();
+        let mut tokens = self.tokens.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = tokens.keep_ahead(next) {
+            warn!("cannot store the fencing-token reservation: {e}");
+        }
     }
 
     /// The lock table. Callers keep the guard for one table call, never across I/O.
-    pub fn table(&self) -> MutexGuard<'_, Table> {
+    pub fn table(&self) -> MutexGuard<'_, Table<Arc<Link>>> {
         // Table methods leave it consistent at every return, so a panic elsewhere while the
         // guard was held does not make it unusable.
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
@@ -114,6 +137,10 @@ impl Server {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = first.try_clone().ok();
         }
+        let server = Arc::clone(self);
+        thread::Builder::new()
+            .name("tcpnetlock-timer".into())
+            .spawn(move || server.timer_loop())?;
         for listener in listeners {
             // A socket inherited from systemd may have been left non-blocking by a previous
             // instance: the open file description is shared across restarts.
@@ -124,6 +151,67 @@ impl Server {
                 .spawn(move || server.accept_loop(listener))?;
         }
         Ok(())
+    }
+
+    /// Expires leases and ends waits when their time comes. Sleeps until the table's next
+    /// deadline, or until a connection adds one.
+    fn timer_loop(self: Arc<Server>) {
+        let mut table = self.table();
+        loop {
+            let now = Instant::now();
+            let events = table.tick(now);
+            if !events.is_empty() {
+                drop(table);
+                self.deliver(events);
+                table = self.table();
+                continue;
+            }
+            table = match table.next_deadline() {
+                Some(at) => {
+                    let (t, _) = self
+                        .timer
+                        .wait_timeout(table, at.saturating_duration_since(now))
+                        .unwrap_or_else(PoisonError::into_inner);
+                    t
+                }
+                None => self.timer.wait(table).unwrap_or_else(PoisonError::into_inner),
+            };
+        }
+    }
+
+    /// Carries out the table's decisions: tells each connection concerned, from whichever thread
+    /// made the decision. The one place that writes to a connection it does not own.
+    pub fn deliver(&self, events: Vec<Event<Arc<Link>>>) {
+        let mut pending = VecDeque::from(events);
+        while let Some(event) = pending.pop_front() {
+            match event {
+                Event::Granted {
+                    conn,
+                    token,
+                    handle,
+                } => {
+                    if let Err(e) = handle.notify(&Reply::granted(token, handle.fencing)) {
+                        // Gone, or not reading: the place goes to the next in line.
+                        debug!("lock {}: grant to a departed waiter ({e})", handle.name);
+                        handle.hang_up();
+                        let (_, more) = self.table().leave(&handle.name, conn, Instant::now());
+                        pending.extend(more);
+                    } else {
+                        debug!("lock {}: granted to a waiter (token {token})", handle.name);
+                    }
+                }
+                Event::Expired { handle, .. } => {
+                    debug!("lock {}: lease expired", handle.name);
+                    let _ = handle.notify(&Reply::Expired);
+                    handle.hang_up();
+                }
+                Event::TimedOut { handle, .. } => {
+                    debug!("lock {}: wait timed out", handle.name);
+                    let _ = handle.notify(&Reply::NotGranted);
+                    handle.hang_up();
+                }
+            }
+        }
     }
 
     fn accept_loop(self: Arc<Server>, listener: TcpListener) {
@@ -153,7 +241,7 @@ impl Server {
         let guard = OpenGuard(Arc::clone(self));
         if open > self.config.max_connections {
             debug!("{peer}: refused: {open} connections open");
-            return refuse(stream, "err,too many connections\n");
+            return refuse(stream, &Reply::err("too many connections"));
         }
         if let Err(e) = listen::configure_accepted(&stream, self.config.keepalive) {
             debug!("{peer}: cannot set socket options: {e}");
@@ -168,7 +256,7 @@ impl Server {
         };
         if let Err((conn, e)) = self.pool.submit(conn) {
             warn!("{peer}: refused: cannot start a worker thread: {e}");
-            refuse(conn.stream, "err,server busy\n");
+            refuse(conn.stream, &Reply::err("server busy"));
         }
     }
 
@@ -182,7 +270,7 @@ impl Server {
         if reserve.take().is_some()
             && let Ok((stream, _)) = listener.accept()
         {
-            refuse(stream, "err,server out of file descriptors\n");
+            refuse(stream, &Reply::err("server out of file descriptors"));
         }
         *reserve = listener.try_clone().ok();
         drop(reserve);
@@ -191,24 +279,31 @@ impl Server {
 
     /// `.stats`: 0.1.8's keys first, then what an operator needs.
     pub fn stats_json(&self) -> String {
-        let (held, counters) = {
+        let (held, holders, waiting, c) = {
             let table = self.table();
-            (table.held(), table.counters())
+            (table.held(), table.holders(), table.waiting(), table.counters())
         };
         let (threads, idle) = self.pool.size();
-        let mut json = String::with_capacity(384);
+        let mut json = String::with_capacity(640);
         let _ = write!(
             json,
             "{{\"requests_count\": {}, \"lock_acquired_count\": {}, \
              \"lock_not_acquired_count\": {}, \"lock_count\": {held}, \"maxrss\": {}, \
-             \"locks_held\": {held}, \"lock_released_count\": {}, \"connections\": {}, \
+             \"locks_held\": {held}, \"holders\": {holders}, \"waiting\": {waiting}, \
+             \"lock_released_count\": {}, \"granted_after_wait_count\": {}, \
+             \"wait_timeout_count\": {}, \"lease_expired_count\": {}, \
+             \"max_mismatch_count\": {}, \"connections\": {}, \
              \"threads\": {threads}, \"threads_idle\": {idle}, \"uptime_secs\": {:.3}, \
              \"version\": \"{}\"}}",
             self.requests.load(Ordering::Relaxed),
-            counters.acquired,
-            counters.not_acquired,
+            c.acquired,
+            c.not_acquired,
             maxrss_kib(),
-            counters.released,
+            c.released,
+            c.granted_after_wait,
+            c.wait_timeouts,
+            c.expired,
+            c.max_mismatches,
             self.open.load(Ordering::Relaxed),
             self.started.elapsed().as_secs_f64(),
             env!("CARGO_PKG_VERSION"),
@@ -216,11 +311,50 @@ impl Server {
         json
     }
 
+    /// `.locks`: every held name with its holders and queue length, sorted by name.
+    pub fn locks_json(&self) -> String {
+        let locks = self.table().snapshot(Instant::now());
+        let mut json = String::from("{");
+        for (i, lock) in locks.iter().enumerate() {
+            if i > 0 {
+                json.push_str(", ");
+            }
+            // Names, client-ids and addresses are from restricted alphabets: no escaping needed.
+            let _ = write!(
+                json,
+                "\"{}\": {{\"max\": {}, \"waiting\": {}, \"holders\": [",
+                lock.name, lock.max, lock.waiting
+            );
+            for (j, h) in lock.holders.iter().enumerate() {
+                if j > 0 {
+                    json.push_str(", ");
+                }
+                let quoted = |v: Option<String>| v.map_or("null".into(), |v| format!("\"{v}\""));
+                let _ = write!(
+                    json,
+                    "{{\"client_id\": {}, \"peer\": {}, \"held_secs\": {:.3}, \"token\": {}, \
+                     \"ttl_secs\": {}}}",
+                    quoted(h.client_id.as_deref().map(str::to_owned)),
+                    quoted(h.peer.map(|p| p.to_string())),
+                    h.held_for.as_secs_f64(),
+                    h.token,
+                    h.ttl.map_or("null".into(), |t| format!("{:.3}", t.as_secs_f64())),
+                );
+            }
+            json.push_str("]}");
+        }
+        json.push('}');
+        json
+    }
+
     /// One line for `systemctl status`.
     pub fn status_line(&self) -> String {
-        let held = self.table().held();
+        let (held, waiting) = {
+            let table = self.table();
+            (table.held(), table.waiting())
+        };
         format!(
-            "{held} locks held, {} connections open, {} accepted since start",
+            "{held} locks held, {waiting} waiting, {} connections open, {} accepted since start",
             self.open.load(Ordering::Relaxed),
             self.requests.load(Ordering::Relaxed)
         )
@@ -237,9 +371,9 @@ impl Server {
 
 /// Tells a client it cannot be served and closes, without ever blocking the acceptor: a fresh
 /// socket's send buffer is empty, so the line fits.
-fn refuse(mut stream: TcpStream, line: &str) {
+fn refuse(mut stream: TcpStream, reply: &Reply) {
     let _ = stream.set_nonblocking(true);
-    let _ = stream.write_all(line.as_bytes());
+    let _ = stream.write_all(&reply.to_line());
     let _ = stream.shutdown(Shutdown::Write);
 }
 

@@ -111,6 +111,16 @@ fn read_addr(stderr: ChildStderr) -> (SocketAddr, Arc<Mutex<String>>) {
     (addr, log)
 }
 
+/// A child process killed when the test ends, even by a panic.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A line-oriented client over one connection.
 pub struct Client {
     pub stream: TcpStream,
