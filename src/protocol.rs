@@ -343,25 +343,58 @@ mod tests {
     #[test]
     fn v2_bad_values() {
         let cases = [
-            ("wait", ["-1", "1e3", "NaN", "inf", "", "1.", ".5", "604800.1", "999999999999999999999", "1.0000000001", "+1", " 1x"]),
-            ("ttl", ["0", "0.0", "-1", "NaN", "", "604801", "abc", "1,5", "1:5", "0x10", "1_0", "½"]),
+            (
+                "wait",
+                [
+                    "-1",
+                    "1e3",
+                    "NaN",
+                    "inf",
+                    "",
+                    "1.",
+                    ".5",
+                    "604800.1",
+                    "999999999999999999999",
+                    "1.0000000001",
+                    "+1",
+                    " 1x",
+                ],
+            ),
+            (
+                "ttl",
+                [
+                    "0", "0.0", "-1", "NaN", "", "604801", "abc", "1,5", "1:5", "0x10", "1_0", "½",
+                ],
+            ),
         ];
         for (key, values) in cases {
             for v in values {
                 let line = format!("lock,name:a,{key}:{v}");
                 match parse(&line) {
-                    Err(Reply::Err(msg)) => assert!(msg.starts_with(&format!("invalid {key}")) || msg.starts_with("unknown parameter"), "{line}: {msg}"),
+                    Err(Reply::Err(msg)) => assert!(
+                        msg.starts_with(&format!("invalid {key}"))
+                            || msg.starts_with("unknown parameter"),
+                        "{line}: {msg}"
+                    ),
                     other => panic!("{line}: {other:?}"),
                 }
             }
         }
         for v in ["0", "65536", "-1", "1.5", "", "+2", "x", "4294967297"] {
             let line = format!("lock,name:a,max:{v}");
-            assert_eq!(parse(&line), Err(Reply::err("invalid max: expected 1 to 65535")), "{line}");
+            assert_eq!(
+                parse(&line),
+                Err(Reply::err("invalid max: expected 1 to 65535")),
+                "{line}"
+            );
         }
         for v in ["2", "yes", "true", ""] {
             let line = format!("lock,name:a,fencing:{v}");
-            assert_eq!(parse(&line), Err(Reply::err("invalid fencing: expected 0 or 1")), "{line}");
+            assert_eq!(
+                parse(&line),
+                Err(Reply::err("invalid fencing: expected 0 or 1")),
+                "{line}"
+            );
         }
     }
 

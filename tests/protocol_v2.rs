@@ -52,7 +52,10 @@ fn a_wait_runs_out() {
     let mut b = Client::connect(s.addr);
     assert_eq!(b.ask("lock,name:w,wait:0.3"), "not-granted");
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(290) && took < Duration::from_secs(1), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(290) && took < Duration::from_secs(1),
+        "{took:?}"
+    );
     assert!(b.closed_within(CLOSED));
     assert_eq!(s.stat("wait_timeout_count"), 1.0);
     assert_eq!(s.stat("waiting"), 0.0);
@@ -89,7 +92,10 @@ fn waiters_are_served_first_come_first_served_and_leavers_are_skipped() {
     let mut w4 = w[4].take().unwrap();
     assert_eq!(w4.line(), "ok");
     let mut w5 = w[5].take().unwrap();
-    assert!(!w5.closed_within(Duration::from_millis(200)), "w5 ended early");
+    assert!(
+        !w5.closed_within(Duration::from_millis(200)),
+        "w5 ended early"
+    );
     drop(w4);
     assert_eq!(w5.line(), "ok");
 }
@@ -158,7 +164,11 @@ fn a_semaphore_admits_max_holders() {
     // Disagreeing on K is an error, and disturbs nobody.
     for line in ["lock,name:pool", "lock,name:pool,max:4,wait:5"] {
         let mut c = Client::connect(s.addr);
-        assert_eq!(c.ask(line), "err,max mismatch: pool is held with max:3", "{line}");
+        assert_eq!(
+            c.ask(line),
+            "err,max mismatch: pool is held with max:3",
+            "{line}"
+        );
         assert!(c.closed_within(CLOSED));
     }
     for h in &mut holders {
@@ -190,7 +200,10 @@ fn a_silent_lease_expires_and_passes_to_the_next_waiter() {
     let silent = Instant::now();
     assert_eq!(a.line(), "expired");
     let took = silent.elapsed();
-    assert!(took > Duration::from_millis(300) && took < Duration::from_millis(1500), "{took:?}");
+    assert!(
+        took > Duration::from_millis(300) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
     assert!(a.closed_within(CLOSED));
     assert_eq!(w.line(), "ok");
     assert_eq!(s.stat("lease_expired_count"), 1.0);
@@ -231,7 +244,10 @@ fn all_four_together() {
         let mut q = Client::connect(s.addr);
         q.ask(".locks")
     };
-    assert!(locks.starts_with("locks,{\"combo\": {\"max\": 2, \"waiting\": 0, \"holders\": [{"), "{locks}");
+    assert!(
+        locks.starts_with("locks,{\"combo\": {\"max\": 2, \"waiting\": 0, \"holders\": [{"),
+        "{locks}"
+    );
     assert!(locks.contains(&format!("\"token\": {tc}")), "{locks}");
     assert!(locks.contains("\"ttl_secs\": 0.600"), "{locks}");
 }
@@ -253,11 +269,14 @@ fn locks_lists_holders_and_queues() {
     let line = Client::connect(s.addr).ask(".locks");
     let json = line.strip_prefix("locks,").unwrap();
     // Sorted by name.
-    assert!(json.find("\"alpha\"").unwrap() < json.find("\"beta\"").unwrap(), "{json}");
+    assert!(
+        json.find("\"alpha\"").unwrap() < json.find("\"beta\"").unwrap(),
+        "{json}"
+    );
     let beta = &json[json.find("\"beta\"").unwrap()..];
     assert!(beta.starts_with("\"beta\": {\"max\": 1, \"waiting\": 1, \"holders\": [{\"client_id\": \"job-7@host\", \"peer\": \"127.0.0.1:"), "{json}");
     let held = json_number(beta, "held_secs").unwrap();
-    assert!(held >= 0.1 && held < 5.0, "{json}");
+    assert!((0.1..5.0).contains(&held), "{json}");
     assert!(json.contains("\"client_id\": null"), "{json}");
     assert_eq!(a.ask("release"), "released");
     assert_eq!(w.line(), "ok");
@@ -269,14 +288,35 @@ fn bad_v2_parameters_get_an_error_line() {
     let s = Server::start(&[]);
     for (line, reply) in [
         ("lock,name:x,wiat:30", "err,unknown parameter wiat"),
-        ("lock,name:x,wait:-1", "err,invalid wait: expected seconds from 0 to 604800"),
-        ("lock,name:x,wait:NaN", "err,invalid wait: expected seconds from 0 to 604800"),
-        ("lock,name:x,wait:1e9", "err,invalid wait: expected seconds from 0 to 604800"),
-        ("lock,name:x,wait:604801", "err,invalid wait: expected seconds from 0 to 604800"),
-        ("lock,name:x,ttl:0", "err,invalid ttl: expected seconds above 0, at most 604800"),
+        (
+            "lock,name:x,wait:-1",
+            "err,invalid wait: expected seconds from 0 to 604800",
+        ),
+        (
+            "lock,name:x,wait:NaN",
+            "err,invalid wait: expected seconds from 0 to 604800",
+        ),
+        (
+            "lock,name:x,wait:1e9",
+            "err,invalid wait: expected seconds from 0 to 604800",
+        ),
+        (
+            "lock,name:x,wait:604801",
+            "err,invalid wait: expected seconds from 0 to 604800",
+        ),
+        (
+            "lock,name:x,ttl:0",
+            "err,invalid ttl: expected seconds above 0, at most 604800",
+        ),
         ("lock,name:x,max:0", "err,invalid max: expected 1 to 65535"),
-        ("lock,name:x,max:99999999999", "err,invalid max: expected 1 to 65535"),
-        ("lock,name:x,fencing:yes", "err,invalid fencing: expected 0 or 1"),
+        (
+            "lock,name:x,max:99999999999",
+            "err,invalid max: expected 1 to 65535",
+        ),
+        (
+            "lock,name:x,fencing:yes",
+            "err,invalid fencing: expected 0 or 1",
+        ),
     ] {
         let mut c = Client::connect(s.addr);
         assert_eq!(c.ask(line), reply, "{line}");

@@ -42,7 +42,7 @@ fn xorshift(state: &mut u64) -> u64 {
 }
 
 fn client(addr: SocketAddr, id: usize, rounds: usize, holds: Arc<Mutex<Vec<Hold>>>) {
-    let mut rng = 0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1) * 0x1000_0001;
+    let mut rng = 0x9e37_79b9_7f4a_7c15 ^ ((id as u64 + 1) * 0x1000_0001);
     for _ in 0..rounds {
         let r = xorshift(&mut rng);
         // Names: two mutexes and one semaphore of 3.
@@ -124,7 +124,10 @@ fn contention_never_overlaps_and_stays_fair() {
     let holds = holds.lock().unwrap().clone();
     // Nobody starved: every request was granted (a 60 s wait never ran out).
     assert_eq!(holds.len(), clients * rounds);
-    assert_eq!(common::json_number(&s.stats(), "wait_timeout_count"), Some(0.0));
+    assert_eq!(
+        common::json_number(&s.stats(), "wait_timeout_count"),
+        Some(0.0)
+    );
 
     for name in ["m0", "m1", "s3"] {
         let mut mine: Vec<&Hold> = holds.iter().filter(|h| h.name == name).collect();

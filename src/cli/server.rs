@@ -148,7 +148,10 @@ pub fn run(args: ServerArgs) -> Result<(), Fail> {
         .map(|l| l.local_addr().map_or("?".into(), |a| a.to_string()))
         .collect();
     let server = Server::new(config).map_err(|e| {
-        Fail::new(EXIT_USAGE, &format!("cannot keep the fencing-token reservation: {e}"))
+        Fail::new(
+            EXIT_USAGE,
+            &format!("cannot keep the fencing-token reservation: {e}"),
+        )
     })?;
     server
         .start(listeners)

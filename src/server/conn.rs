@@ -51,7 +51,8 @@ impl Link {
     /// socket buffer is full is not reading; it is treated as gone.
     pub fn notify(&self, reply: &Reply) -> io::Result<()> {
         let line = reply.to_line();
-        let sent = socket2::SockRef::from(&self.stream).send_with_flags(&line, libc::MSG_DONTWAIT)?;
+        let sent =
+            socket2::SockRef::from(&self.stream).send_with_flags(&line, libc::MSG_DONTWAIT)?;
         if sent < line.len() {
             return Err(io::ErrorKind::WouldBlock.into());
         }
@@ -174,7 +175,10 @@ impl<'a> Session<'a> {
                 return None;
             }
             Decision::MaxMismatch { max } => {
-                debug!("{peer}: lock {name} max:{} refused, held with max:{max}", req.max);
+                debug!(
+                    "{peer}: lock {name} max:{} refused, held with max:{max}",
+                    req.max
+                );
                 let msg = format!("max mismatch: {name} is held with max:{max}");
                 finish(&link.stream, &Reply::Err(msg.into()));
                 return None;
@@ -202,14 +206,20 @@ impl<'a> Session<'a> {
                 }
                 Err(ReadError::TimedOut) => continue,
                 Err(ReadError::Io(e)) => {
-                    debug!("{}: lock {}: connection lost: {e}", self.peer, self.link.name);
+                    debug!(
+                        "{}: lock {}: connection lost: {e}",
+                        self.peer, self.link.name
+                    );
                     return;
                 }
             };
             let request = HeldRequest::parse(line);
             // Any request renews a lease. A connection the table no longer has was told why by
             // the thread that took it out; it says nothing more.
-            if self.server.table().activity(&self.link.name, self.id, Instant::now())
+            if self
+                .server
+                .table()
+                .activity(&self.link.name, self.id, Instant::now())
                 == State::Absent
             {
                 return;
@@ -249,7 +259,10 @@ impl<'a> Session<'a> {
     /// The client shut down its sending side. It can no longer release, so it holds (or waits)
     /// until it is gone, or until the table lets it go (lease, wait timeout).
     fn watch_half_closed(&self) {
-        debug!("{}: lock {}: half-closed; probing", self.peer, self.link.name);
+        debug!(
+            "{}: lock {}: half-closed; probing",
+            self.peer, self.link.name
+        );
         let socket = socket2::SockRef::from(&self.link.stream);
         loop {
             // A `\n`, so that a middlebox which clears the urgent flag turns it into a blank
@@ -257,7 +270,10 @@ impl<'a> Session<'a> {
             if socket.send_out_of_band(b"\n").is_err()
                 || peer_reset_within(&self.link.stream, PROBE_INTERVAL)
             {
-                debug!("{}: lock {}: half-closed client is gone", self.peer, self.link.name);
+                debug!(
+                    "{}: lock {}: half-closed client is gone",
+                    self.peer, self.link.name
+                );
                 return;
             }
         }

@@ -12,11 +12,11 @@ pub mod notify;
 pub mod pool;
 pub mod tokens;
 
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -174,7 +174,10 @@ impl Server {
                         .unwrap_or_else(PoisonError::into_inner);
                     t
                 }
-                None => self.timer.wait(table).unwrap_or_else(PoisonError::into_inner),
+                None => self
+                    .timer
+                    .wait(table)
+                    .unwrap_or_else(PoisonError::into_inner),
             };
         }
     }
@@ -281,7 +284,12 @@ impl Server {
     pub fn stats_json(&self) -> String {
         let (held, holders, waiting, c) = {
             let table = self.table();
-            (table.held(), table.holders(), table.waiting(), table.counters())
+            (
+                table.held(),
+                table.holders(),
+                table.waiting(),
+                table.counters(),
+            )
         };
         let (threads, idle) = self.pool.size();
         let mut json = String::with_capacity(640);
@@ -338,7 +346,8 @@ impl Server {
                     quoted(h.peer.map(|p| p.to_string())),
                     h.held_for.as_secs_f64(),
                     h.token,
-                    h.ttl.map_or("null".into(), |t| format!("{:.3}", t.as_secs_f64())),
+                    h.ttl
+                        .map_or("null".into(), |t| format!("{:.3}", t.as_secs_f64())),
                 );
             }
             json.push_str("]}");

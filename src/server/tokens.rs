@@ -88,15 +88,28 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let (first, _) = Tokens::start(Some(&dir)).unwrap();
-        let stored: u64 = fs::read_to_string(dir.join(FILE)).unwrap().trim().parse().unwrap();
+        let stored: u64 = fs::read_to_string(dir.join(FILE))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         assert_eq!(stored, first + TOKEN_RESERVATION);
         // The next run starts past the reservation, not at the clock.
         let (second, mut tokens) = Tokens::start(Some(&dir)).unwrap();
         assert_eq!(second, stored + 1);
         // Half used: extended.
-        tokens.keep_ahead(second + TOKEN_RESERVATION / 2 + 1).unwrap();
-        let again: u64 = fs::read_to_string(dir.join(FILE)).unwrap().trim().parse().unwrap();
-        assert_eq!(again, second + TOKEN_RESERVATION / 2 + 1 + TOKEN_RESERVATION);
+        tokens
+            .keep_ahead(second + TOKEN_RESERVATION / 2 + 1)
+            .unwrap();
+        let again: u64 = fs::read_to_string(dir.join(FILE))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            again,
+            second + TOKEN_RESERVATION / 2 + 1 + TOKEN_RESERVATION
+        );
         fs::write(dir.join(FILE), "garbage").unwrap();
         assert!(Tokens::start(Some(&dir)).is_err());
         fs::remove_dir_all(&dir).unwrap();
@@ -105,7 +118,10 @@ mod tests {
     #[test]
     fn without_state_the_clock_decides() {
         let (first, _) = Tokens::start(None).unwrap();
-        let now_us = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64;
+        let now_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64;
         assert!(first <= now_us + 1 && first > now_us - 60_000_000);
     }
 }

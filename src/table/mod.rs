@@ -56,11 +56,15 @@ pub struct LockRequest<H> {
 /// The answer to a `lock` request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    Granted { token: u64 },
+    Granted {
+        token: u64,
+    },
     Queued,
     NotGranted,
     /// The name is held or awaited with a different `max`; nothing changed.
-    MaxMismatch { max: u32 },
+    MaxMismatch {
+        max: u32,
+    },
 }
 
 /// Something the caller must tell a connection, decided while the table changed.
@@ -339,7 +343,10 @@ impl<H: Clone> Table<H> {
 
     /// Names with at least one holder.
     pub fn held(&self) -> usize {
-        self.names.values().filter(|e| !e.holders.is_empty()).count()
+        self.names
+            .values()
+            .filter(|e| !e.holders.is_empty())
+            .count()
     }
 
     /// The token the next grant will carry.

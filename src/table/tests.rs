@@ -168,7 +168,10 @@ fn a_wait_runs_out_and_is_never_granted_afterwards() {
     // The lock frees: 3 gets it, 2 is out of the picture.
     let (_, events) = t.leave("a", ConnId(1), now + secs(2.0));
     assert_eq!(granted_conns(&events), [3]);
-    assert_eq!(t.leave("a", ConnId(2), now + secs(2.0)), (State::Absent, vec![]));
+    assert_eq!(
+        t.leave("a", ConnId(2), now + secs(2.0)),
+        (State::Absent, vec![])
+    );
     let c = t.counters();
     assert_eq!((c.wait_timeouts, c.not_acquired), (1, 1));
     // A granted waiter's wait deadline no longer applies.
@@ -229,7 +232,10 @@ fn semaphore_admits_k_holders() {
     assert_eq!(granted_conns(&events), [6]);
     let snap = t.snapshot(now);
     assert_eq!(snap.len(), 1);
-    assert_eq!((snap[0].max, snap[0].holders.len(), snap[0].waiting), (3, 3, 0));
+    assert_eq!(
+        (snap[0].max, snap[0].holders.len(), snap[0].waiting),
+        (3, 3, 0)
+    );
 }
 
 #[test]
@@ -257,7 +263,10 @@ fn max_must_agree_and_a_mismatch_disturbs_nobody() {
         t.leave("s", ConnId(c), now);
     }
     assert!(is_granted(t.lock("s", req(6), now)));
-    assert_eq!(t.lock("s", req(7).max(5), now), Decision::MaxMismatch { max: 1 });
+    assert_eq!(
+        t.lock("s", req(7).max(5), now),
+        Decision::MaxMismatch { max: 1 }
+    );
 }
 
 #[test]
@@ -339,7 +348,10 @@ fn a_lease_expires_without_activity_and_is_renewed_by_it() {
     );
     assert_eq!(t.counters().expired, 1);
     assert_eq!(t.activity("l", ConnId(1), now + secs(3.6)), State::Absent);
-    assert_eq!(t.leave("l", ConnId(1), now + secs(3.6)), (State::Absent, vec![]));
+    assert_eq!(
+        t.leave("l", ConnId(1), now + secs(3.6)),
+        (State::Absent, vec![])
+    );
     // Activity from a waiter or a holder without ttl sets no deadline.
     assert_eq!(t.activity("l", ConnId(2), now + secs(4.0)), State::Holding);
     assert_eq!(t.next_deadline(), None);
@@ -437,7 +449,7 @@ fn random_operations_match_the_model() {
     struct Name {
         max: u32,
         holders: Vec<(u64, Option<f64>, Option<f64>)>, // conn, lease expiry, ttl
-        queue: Vec<(u64, f64, Option<f64>)>, // conn, deadline, ttl
+        queue: Vec<(u64, f64, Option<f64>)>,           // conn, deadline, ttl
     }
     let mut rng = 0x2545_f491_4f6c_dd1d_u64;
     let mut next = move |n: u64| {
@@ -550,7 +562,8 @@ fn random_operations_match_the_model() {
                 }
                 _ => {
                     // Some connections send a request (renewing a lease), then time passes.
-                    let mut conns: Vec<(u64, &str)> = where_.iter().map(|(&c, &n)| (c, n)).collect();
+                    let mut conns: Vec<(u64, &str)> =
+                        where_.iter().map(|(&c, &n)| (c, n)).collect();
                     conns.sort();
                     for (c, name) in conns {
                         if next(2) == 0 {
