@@ -14,10 +14,14 @@
 //! 1. lock+release cycles per second on fresh connections (connect, `lock,name:N`, read `ok`,
 //!    `release`, read `released`, read the server's end of file, close) from 1, 4 and 16 client
 //!    threads, every cycle a new name so nobody waits; plus 4 threads fighting over one name.
-//! 2. resident memory per held lock: VmRSS of the idle server (fresh process, after a warm-up)
+//! 2. hand-off latency (Rust server only; 0.1.8 has no waiting): 500 sequential rounds on a fresh
+//!    process. A holder takes `handoff-R`, a waiter asks `lock,name:handoff-R,wait:10` and is
+//!    queued (`.stats` says `"waiting": 1` and the waiter's thread sleeps in its read); the time
+//!    from the holder writing `release` to the waiter having read `ok` is the hand-off.
+//! 3. resident memory per held lock: VmRSS of the idle server (fresh process, after a warm-up)
 //!    and again with 15,000 connections each holding a distinct lock, divided by 15,000; the
 //!    server's thread count and its CPU use while the holders sit idle.
-//! 3. while those are held: the time from connect to `ok` for a new name, 200 samples.
+//! 4. while those are held: the time from connect to `ok` for a new name, 200 samples.
 //!
 //! Where the programs come from:
 //!
@@ -78,6 +82,20 @@ const LATENCY_BUDGET: Duration = Duration::from_secs(30);
 const RUST_MAX_CONNECTIONS: &str = "19000";
 /// Table rows of the cycle runs, in the order [`bench`] runs them.
 const CYCLE_ROWS: [&str; 4] = ["1 thread", "4 threads", "16 threads", "4 threads, one name"];
+/// Hand-off rounds measured, after [`HANDOFF_WARMUP`] that are not.
+const HANDOFF_ROUNDS: usize = 500;
+const HANDOFF_WARMUP: usize = 20;
+const HANDOFF_BUDGET: Duration = Duration::from_secs(60);
+/// Longest a round may take to see its waiter queued.
+const QUEUE_DEADLINE: Duration = Duration::from_secs(2);
+/// Pause between seeing the waiter queued and starting the clock, so the server thread that
+/// answered `.stats` has finished too and only the hand-off is measured.
+const HANDOFF_SETTLE: Duration = Duration::from_millis(1);
+/// Hand-off targets of the issue.
+const HANDOFF_P50_US: f64 = 200.0;
+const HANDOFF_P99_US: f64 = 1000.0;
+const PY_NO_WAIT: &str = "n/a (0.1.8 has no wait: its tcpnetlock_do polls every --retry-wait \
+                          seconds, 10 s by default)";
 
 // ---------------------------------------------------------------------------------------------
 // Settings and machine
@@ -856,6 +874,111 @@ fn measure_latency(addr: SocketAddr) -> Latency {
     l
 }
 
+/// `"waiting"` in the server's `.stats`: waiters queued on all names.
+fn stats_waiting(addr: SocketAddr) -> Result<u64, String> {
+    let mut c = Client::connect(addr, None).map_err(|e| format!(".stats connect: {e}"))?;
+    c.send(b".stats\n")
+        .map_err(|e| format!("sending .stats: {e}"))?;
+    // The reply is longer than `Client`'s line buffer; the server closes after it.
+    let mut text = Vec::new();
+    c.stream
+        .read_to_end(&mut text)
+        .map_err(|e| format!("reading .stats: {e}"))?;
+    let text = String::from_utf8_lossy(&text);
+    text.split("\"waiting\": ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!(".stats has no \"waiting\": {}", text.trim()))
+}
+
+/// Whether thread `tid` of this process is asleep (state `S`): blocked in a system call.
+fn thread_asleep(tid: libc::pid_t) -> bool {
+    fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
+        .ok()
+        .and_then(|t| {
+            t.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('S'))
+        })
+        .unwrap_or(false)
+}
+
+/// One hand-off on `name`: the time from the holder writing `release` to the queued waiter
+/// having read `ok`.
+fn handoff_round(addr: SocketAddr, name: &str) -> Result<Duration, String> {
+    let holder = lock(addr, None, name)?.ok_or_else(|| format!("{name}: holder not granted"))?;
+    let mut waiter = Client::connect(addr, None).map_err(|e| format!("waiter connect: {e}"))?;
+    waiter
+        .send(format!("lock,name:{name},wait:10\n").as_bytes())
+        .map_err(|e| format!("sending the waiter's lock: {e}"))?;
+    let (tx, rx) = mpsc::channel();
+    let waiting = thread::spawn(move || -> Result<Instant, String> {
+        // SAFETY: gettid has no preconditions.
+        let _ = tx.send(unsafe { libc::gettid() });
+        // Blocks in read() until the hand-off.
+        waiter.expect("ok").map_err(|e| format!("waiter: {e}"))?;
+        let t1 = Instant::now();
+        waiter.release().map_err(|e| format!("waiter: {e}"))?;
+        Ok(t1)
+    });
+    // On an error return the holder's connection closes, which hands the lock to the waiter:
+    // its thread then ends by itself.
+    let tid = rx
+        .recv()
+        .map_err(|_| "waiter thread ended early".to_owned())?;
+    let deadline = Instant::now() + QUEUE_DEADLINE;
+    loop {
+        let n = stats_waiting(addr)?;
+        if n == 1 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{name}: waiter not queued after {QUEUE_DEADLINE:?} (.stats waiting: {n})"
+            ));
+        }
+        thread::sleep(Duration::from_micros(100));
+    }
+    while !thread_asleep(tid) {
+        if Instant::now() > deadline {
+            return Err(format!("{name}: waiter thread not asleep in its read"));
+        }
+        thread::sleep(Duration::from_micros(50));
+    }
+    thread::sleep(HANDOFF_SETTLE);
+    let t0 = Instant::now();
+    holder.release().map_err(|e| format!("holder: {e}"))?;
+    let t1 = waiting
+        .join()
+        .map_err(|_| "waiter thread panicked".to_owned())??;
+    Ok(t1.saturating_duration_since(t0))
+}
+
+/// [`HANDOFF_WARMUP`] uncounted rounds, then [`HANDOFF_ROUNDS`], one at a time.
+fn measure_handoff(addr: SocketAddr) -> Latency {
+    for i in 0..HANDOFF_WARMUP {
+        let _ = handoff_round(addr, &format!("handoff-w{i}"));
+    }
+    let mut l = Latency::default();
+    let t0 = Instant::now();
+    for r in 0..HANDOFF_ROUNDS {
+        if t0.elapsed() > HANDOFF_BUDGET {
+            break;
+        }
+        match handoff_round(addr, &format!("handoff-{r}")) {
+            Ok(d) => l.ms.push(d.as_secs_f64() * 1e3),
+            Err(e) => {
+                l.errors += 1;
+                l.first_error.get_or_insert(e);
+                if l.errors > 20 {
+                    break;
+                }
+            }
+        }
+    }
+    l
+}
+
 struct HoldReport {
     wanted: usize,
     held: usize,
@@ -882,6 +1005,8 @@ struct Report {
     /// (row label, result)
     cycles: Vec<(String, Cycles)>,
     hold: Option<HoldReport>,
+    /// Release → `ok` of the next waiter; None for a server without waiting (0.1.8).
+    handoff: Option<Latency>,
     problems: Vec<String>,
 }
 
@@ -892,6 +1017,7 @@ fn bench(imp: &Impl, note: String, s: &Settings) -> Report {
         note,
         cycles: Vec::new(),
         hold: None,
+        handoff: None,
         problems: Vec::new(),
     };
 
@@ -931,7 +1057,33 @@ fn bench(imp: &Impl, note: String, s: &Settings) -> Report {
         }
     }
 
-    // 2 and 3. Memory and latency with many holders, on a fresh process.
+    // 2. Hand-off to a waiter, on a fresh process. 0.1.8 has no waiting.
+    if matches!(imp, Impl::Rust(_)) {
+        match imp.start() {
+            Err(e) => rep.problems.push(format!("hand-off: {e}")),
+            Ok(mut server) => {
+                eprintln!("bench: {label}: hand-off on {}", server.addr);
+                let l = measure_handoff(server.addr);
+                eprintln!(
+                    "bench: {label}: hand-off: {} rounds, p50 {:.0} µs, p99 {:.0} µs",
+                    l.ms.len(),
+                    l.pct(50.0).unwrap_or(f64::NAN) * 1e3,
+                    l.pct(99.0).unwrap_or(f64::NAN) * 1e3
+                );
+                if let Some(e) = &l.first_error {
+                    rep.problems
+                        .push(format!("hand-off: {} errors, first: {e}", l.errors));
+                }
+                if !server.alive() {
+                    rep.problems
+                        .push(server.failure("died during the hand-off"));
+                }
+                rep.handoff = Some(l);
+            }
+        }
+    }
+
+    // 3 and 4. Memory and latency with many holders, on a fresh process.
     let mut server = match imp.start() {
         Ok(server) => server,
         Err(e) => {
@@ -1132,6 +1284,13 @@ fn table(rust: &Report, py: Option<&Report>) -> String {
             cell(hp, &latency_cell),
             String::new(),
         ),
+        (
+            "**hand-off: holder writes `release` → next waiter has read `ok`, p50 / p99 / max**"
+                .into(),
+            rust.handoff.as_ref().map_or("—".into(), handoff_cell),
+            PY_NO_WAIT.into(),
+            String::new(),
+        ),
     ];
     for (a, b, c, d) in rows {
         let _ = writeln!(t, "| {a} | {b} | {c} | {d} |");
@@ -1172,6 +1331,19 @@ fn latency_cell(h: &HoldReport) -> String {
             let mut s = format!("{a:.2} / {b:.2} / {c:.2} ms");
             if l.ms.len() < LATENCY_SAMPLES {
                 let _ = write!(s, " ({} samples)", l.ms.len());
+            }
+            s
+        }
+        _ => "failed".into(),
+    }
+}
+
+fn handoff_cell(l: &Latency) -> String {
+    match (l.pct(50.0), l.pct(99.0), l.pct(100.0)) {
+        (Some(a), Some(b), Some(c)) => {
+            let mut s = format!("{:.0} / {:.0} / {:.0} µs", a * 1e3, b * 1e3, c * 1e3);
+            if l.ms.len() < HANDOFF_ROUNDS {
+                let _ = write!(s, " ({} rounds)", l.ms.len());
             }
             s
         }
@@ -1230,6 +1402,23 @@ fn verdicts(rust: &Report, py: Option<&Report>) -> Vec<String> {
                 h.latency.ms.len()
             ),
             None => "MISSED: fresh lock < 50 ms while held: not measured (see problems)".into(),
+        },
+    );
+    v.push(
+        match rust
+            .handoff
+            .as_ref()
+            .and_then(|l| Some((l, l.pct(50.0)? * 1e3, l.pct(99.0)? * 1e3, l.pct(100.0)? * 1e3)))
+        {
+            Some((l, p50, p99, max)) => format!(
+                "{}: hand-off to a queued waiter (`release` → its `ok`) p50 ≤ {HANDOFF_P50_US:.0} µs \
+                 and p99 ≤ {:.0} ms: p50 {p50:.0} µs, p99 {p99:.0} µs, max {max:.0} µs over {} \
+                 rounds",
+                pass(p50 <= HANDOFF_P50_US && p99 <= HANDOFF_P99_US),
+                HANDOFF_P99_US / 1e3,
+                l.ms.len()
+            ),
+            None => "MISSED: hand-off p50 ≤ 200 µs, p99 ≤ 1 ms: not measured (see problems)".into(),
         },
     );
     v
@@ -1334,8 +1523,14 @@ fn main() {
          for the same name; a not-granted answer counts as a cycle). Holders: opened by \
          {OPENERS} threads one connection at a time, {PER_SOURCE} per source address from \
          127.1.0.1 on. Latency: {LATENCY_SAMPLES} sequential connect → `ok` times for new \
-         names, 5 ms apart, from {LATENCY_SOURCE}, while the holders are held. Each server is \
-         a fresh process for the cycles and again for the holders.\n"
+         names, 5 ms apart, from {LATENCY_SOURCE}, while the holders are held. Hand-off: \
+         {HANDOFF_ROUNDS} sequential rounds (after {HANDOFF_WARMUP} uncounted) from 127.0.0.1: \
+         a holder takes `handoff-R`, a waiter sends `lock,name:handoff-R,wait:10`; once \
+         `.stats` shows it queued and its thread sleeps in read(), and {} ms later, the clock \
+         runs from the holder writing `release` to the waiter having read `ok` (one clock, one \
+         process). Each server is a fresh process for the cycles, the hand-off and the \
+         holders.\n",
+        HANDOFF_SETTLE.as_millis()
     );
     out.push_str(&table(&rust, py.as_ref()));
     let _ = writeln!(out, "\nTargets (this machine, Rust server):\n");

@@ -143,8 +143,15 @@ fn logs_to_syslog_in_rfc3164() {
             .unwrap(),
     );
     let mut buf = [0u8; 2048];
-    let n = sock.recv(&mut buf).unwrap();
-    let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let mut recv = || {
+        let n = sock.recv(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    // The startup lines, up to the address.
+    let line = std::iter::repeat_with(&mut recv)
+        .take(10)
+        .find(|l| l.contains("listening on"))
+        .expect("a `listening on` line");
     // <PRI>Mmm dd hh:mm:ss tcpnetlock[PID]: message — facility daemon (3), severity info (6).
     let pid = child.0.id();
     let (pri, rest) = line.split_once('>').unwrap();
@@ -167,8 +174,7 @@ fn logs_to_syslog_in_rfc3164() {
     // A debug line for a grant, at severity debug (7).
     let (_c, reply) = common::try_lock(addr, "logged");
     assert_eq!(reply, "ok");
-    let n = sock.recv(&mut buf).unwrap();
-    let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let line = recv();
     assert!(line.starts_with("<31>"), "{line}");
     assert!(line.contains(": lock logged granted"), "{line}");
 }

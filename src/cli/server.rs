@@ -39,18 +39,19 @@ pub struct ServerArgs {
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_secs)]
     request_timeout: Duration,
 
-    /// Idle seconds before TCP keepalive probes a connection; 0 turns keepalive off.
-    /// A vanished peer is dropped after time + interval × probes (default 40 s).
-    #[arg(long, value_name = "SECS", default_value = "20", value_parser = parse_secs)]
-    keepalive_time: Duration,
+    /// Idle seconds before TCP keepalive probes a connection [default: 20]; 0 turns keepalive
+    /// off. A vanished peer is dropped after time + interval × probes (default 40 s). Without
+    /// these flags, sockets passed by systemd with KeepAlive=yes keep the unit's timings.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    keepalive_time: Option<Duration>,
 
-    /// Seconds between TCP keepalive probes.
-    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_secs)]
-    keepalive_interval: Duration,
+    /// Seconds between TCP keepalive probes [default: 5].
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    keepalive_interval: Option<Duration>,
 
-    /// Unanswered TCP keepalive probes before the connection is dropped.
-    #[arg(long, value_name = "N", default_value_t = 4)]
-    keepalive_probes: u32,
+    /// Unanswered TCP keepalive probes before the connection is dropped [default: 4].
+    #[arg(long, value_name = "N")]
+    keepalive_probes: Option<u32>,
 
     /// Directory for state kept across restarts: the fencing-token reservation, so tokens keep
     /// growing even if the clock steps back (systemd: StateDirectory=).
@@ -110,26 +111,36 @@ impl ServerArgs {
         if self.request_timeout.is_zero() {
             return Err(usage("--request-timeout must be more than 0"));
         }
-        let keepalive = if self.keepalive_time.is_zero() {
+        let defaults = Config::default()
+            .keepalive
+            .expect("keepalive is on by default");
+        let time = self.keepalive_time.unwrap_or(defaults.time);
+        let interval = self.keepalive_interval.unwrap_or(defaults.interval);
+        let probes = self.keepalive_probes.unwrap_or(defaults.probes);
+        let keepalive = if time.is_zero() {
             None
         } else {
-            if self.keepalive_interval < Duration::from_secs(1) || self.keepalive_probes == 0 {
+            if interval < Duration::from_secs(1) || probes == 0 {
                 return Err(usage(
                     "--keepalive-interval must be at least 1 and --keepalive-probes at least 1",
                 ));
             }
             Some(Keepalive {
-                time: self.keepalive_time.max(Duration::from_secs(1)),
-                interval: self.keepalive_interval,
-                probes: self.keepalive_probes,
+                time: time.max(Duration::from_secs(1)),
+                interval,
+                probes,
             })
         };
+        let keepalive_from_flags = self.keepalive_time.is_some()
+            || self.keepalive_interval.is_some()
+            || self.keepalive_probes.is_some();
         Ok(Config {
             max_connections: self.max_connections,
             max_line: self.max_line_length,
             max_name_len: self.max_name_length,
             request_timeout: self.request_timeout,
             keepalive,
+            keepalive_from_flags,
             allow_shutdown: self.allow_shutdown_from_loopback,
             state_dir: self.state_dir.clone(),
             ..Config::default()
@@ -154,7 +165,7 @@ pub fn run(args: ServerArgs) -> Result<(), Fail> {
         )
     })?;
     server
-        .start(listeners)
+        .start(listeners, passed)
         .map_err(|e| Fail::new(1, &format!("cannot start the server's threads: {e}")))?;
     // Logged once every thread runs: tests and operators may take this line as "ready".
     for addr in addrs {

@@ -4,7 +4,7 @@
 //! we serve exactly those; otherwise we bind `--listen` addresses ourselves.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpListener, ToSocketAddrs};
 use std::time::Duration;
 
 use socket2::{Domain, Socket, TcpKeepalive, Type};
@@ -111,23 +111,45 @@ impl Keepalive {
     }
 }
 
-/// Options for every accepted connection: TCP keepalive so that a holder whose host vanished is
-/// dropped, TCP_USER_TIMEOUT so the same bound holds while our own writes go unacknowledged
-/// (keepalive does not probe then), and no Nagle delay on replies.
-pub fn configure_accepted(stream: &TcpStream, keepalive: Option<Keepalive>) -> io::Result<()> {
-    stream.set_nodelay(true)?;
-    let Some(k) = keepalive else {
-        return Ok(());
+/// Sets the options every accepted connection needs on the listening socket, which Linux copies
+/// to each socket it accepts (saving six system calls per connection): TCP keepalive, so that a
+/// holder whose host vanished is dropped; TCP_USER_TIMEOUT, so the same bound holds while our
+/// own writes go unacknowledged (keepalive does not probe then); no Nagle delay on replies.
+///
+/// `keepalive: None` turns keepalive off. With `inherit`, a socket that already has keepalive on
+/// (systemd's `KeepAlive=yes` and its timings) keeps its settings. Returns the keepalive in force.
+pub fn configure_listener(
+    listener: &TcpListener,
+    keepalive: Option<Keepalive>,
+    inherit: bool,
+) -> io::Result<Option<Keepalive>> {
+    let socket = socket2::SockRef::from(listener);
+    socket.set_tcp_nodelay(true)?;
+    let keepalive = if inherit && socket.keepalive()? {
+        Some(Keepalive {
+            time: socket.tcp_keepalive_time()?,
+            interval: socket.tcp_keepalive_interval()?,
+            probes: socket.tcp_keepalive_retries()?,
+        })
+    } else {
+        keepalive
     };
-    let socket = socket2::SockRef::from(stream);
-    socket.set_tcp_keepalive(
-        &TcpKeepalive::new()
-            .with_time(k.time)
-            .with_interval(k.interval)
-            .with_retries(k.probes),
-    )?;
-    socket.set_tcp_user_timeout(Some(k.bound()))?;
-    Ok(())
+    match keepalive {
+        Some(k) => {
+            socket.set_tcp_keepalive(
+                &TcpKeepalive::new()
+                    .with_time(k.time)
+                    .with_interval(k.interval)
+                    .with_retries(k.probes),
+            )?;
+            socket.set_tcp_user_timeout(Some(k.bound()))?;
+        }
+        None => {
+            socket.set_keepalive(false)?;
+            socket.set_tcp_user_timeout(None)?;
+        }
+    }
+    Ok(keepalive)
 }
 
 #[cfg(test)]

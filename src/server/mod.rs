@@ -36,6 +36,9 @@ pub struct Config {
     pub max_name_len: usize,
     pub request_timeout: Duration,
     pub keepalive: Option<Keepalive>,
+    /// Whether `keepalive` came from flags. If not, sockets passed by systemd with their own
+    /// keepalive settings (`KeepAlive=yes` in the socket unit) keep them.
+    pub keepalive_from_flags: bool,
     pub allow_shutdown: bool,
     pub idle_worker_timeout: Duration,
     /// Where the fencing-token reservation is kept across restarts (see [`tokens`]).
@@ -54,6 +57,7 @@ impl Default for Config {
                 interval: Duration::from_secs(5),
                 probes: 4,
             }),
+            keepalive_from_flags: false,
             allow_shutdown: false,
             idle_worker_timeout: Duration::from_secs(30),
             state_dir: None,
@@ -129,8 +133,24 @@ impl Server {
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Serves the listeners until the process exits. Returns once the acceptors run.
-    pub fn start(self: &Arc<Server>, listeners: Vec<TcpListener>) -> io::Result<()> {
+    /// Serves the listeners until the process exits. Returns once the acceptors run. `passed`:
+    /// the listeners came from systemd.
+    pub fn start(self: &Arc<Server>, listeners: Vec<TcpListener>, passed: bool) -> io::Result<()> {
+        let inherit = passed && !self.config.keepalive_from_flags;
+        for listener in &listeners {
+            let k = listen::configure_listener(listener, self.config.keepalive, inherit)?;
+            let addr = listener.local_addr()?;
+            match k {
+                Some(k) => info!(
+                    "{addr}: dead peers dropped after {}s (TCP keepalive {}s + {} x {}s)",
+                    k.bound().as_secs(),
+                    k.time.as_secs(),
+                    k.probes,
+                    k.interval.as_secs()
+                ),
+                None => warn!("{addr}: TCP keepalive off: a vanished holder keeps its lock"),
+            }
+        }
         if let Some(first) = listeners.first() {
             *self
                 .reserve_fd
@@ -245,9 +265,6 @@ impl Server {
         if open > self.config.max_connections {
             debug!("{peer}: refused: {open} connections open");
             return refuse(stream, &Reply::err("too many connections"));
-        }
-        if let Err(e) = listen::configure_accepted(&stream, self.config.keepalive) {
-            debug!("{peer}: cannot set socket options: {e}");
         }
         let id = ConnId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let conn = Conn {
