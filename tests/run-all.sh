@@ -9,8 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The tests start real clients and tools: every nc variant, socat, busybox, bash's /dev/tcp,
-# systemd-socket-activate, ss, vmstat (0.1.8's CLI tests), python3 with venv (0.1.8 itself).
-packages=(netcat-openbsd netcat-traditional ncat busybox socat systemd iproute2 procps)
+# systemd-socket-activate, ss, vmstat (0.1.8's CLI tests), python3 with venv (0.1.8 itself);
+# the package checks need rpm, file and man; the end-to-end test debootstrap and nspawn.
+packages=(netcat-openbsd netcat-traditional ncat busybox socat systemd iproute2 procps
+    rpm file man-db debootstrap systemd-container)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -31,3 +33,13 @@ set -x
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo test
+
+# Release artifacts and what runs them: the static binary in an empty root, the .deb and .rpm,
+# the units (verify, security rating), then the .deb under a real systemd as PID 1.
+if [ "$(id -u)" = 0 ]; then
+    bash packaging/build
+    bash tests/packages.sh
+    bash tests/systemd-e2e/run.sh
+else
+    echo "run-all: not root: skipping the package checks and the systemd end-to-end test" >&2
+fi

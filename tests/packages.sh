@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Checks what packaging/build wrote into dist/: package contents, maintainer scripts, the units
+# (systemd-analyze verify and security rating), the .deb installed and purged with dpkg on this
+# machine, the .rpm inspected with rpm, and the static binary serving locks from an empty root.
+#
+#   bash packaging/build && bash tests/packages.sh
+#
+# Needs root (dpkg, chroot). Exits non-zero at the first failed check.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+deb=dist/tcpnetlock_${version}-1_amd64.deb
+rpm=dist/tcpnetlock-${version}-1.x86_64.rpm
+fail() { echo "packages: FAIL: $*" >&2; exit 1; }
+pass() { echo "packages: ok: $*"; }
+
+# --- the static binary -------------------------------------------------------------------------
+size=$(stat -c %s dist/tcpnetlock)
+[ "$size" -le $((2 * 1024 * 1024)) ] || fail "binary is $size bytes, over 2 MiB"
+file dist/tcpnetlock | grep -q "static" || fail "binary is not static: $(file dist/tcpnetlock)"
+pass "static binary, $size bytes"
+
+# An empty root: nothing but the binary (no libc, no /etc, no /dev, no /proc, no /dev/log).
+root=$(mktemp -d)
+trap 'kill "${srv:-0}" 2>/dev/null || true; rm -rf "$root"' EXIT
+cp dist/tcpnetlock "$root/tcpnetlock"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+chroot "$root" /tcpnetlock server --listen "127.0.0.1:$port" 2>"$root.log" &
+srv=$!
+for _ in $(seq 100); do grep -q "listening on" "$root.log" 2>/dev/null && break; sleep 0.05; done
+exec 3<>"/dev/tcp/127.0.0.1/$port"
+echo 'lock,name:chroot' >&3
+read -r reply <&3
+[ "$reply" = ok ] || fail "empty chroot: lock got '$reply'; log: $(cat "$root.log")"
+reply=$(echo 'lock,name:chroot' | nc -N 127.0.0.1 "$port" | head -n 1)
+[ "$reply" = not-granted ] || fail "empty chroot: second lock got '$reply'"
+exec 3<&-
+kill "$srv"; wait "$srv" 2>/dev/null || true
+grep -q "INFO" "$root.log" || fail "no log on stderr without /dev/log"
+rm -f "$root.log"
+pass "serves locks from an empty root, logging to stderr"
+
+# --- units ------------------------------------------------------------------------------------
+score=$(systemd-analyze security --offline=yes systemd/tcpnetlock.service 2>&1 \
+    | sed -n 's/.*Overall exposure level for tcpnetlock.service: \([0-9.]*\).*/\1/p')
+[ -n "$score" ] || fail "no security score"
+python3 -c "import sys; sys.exit(0 if float('$score') <= 1.1 else 1)" \
+    || fail "systemd-analyze security rates the service $score (> 1.1)"
+pass "systemd-analyze security: $score"
+
+# --- .deb -------------------------------------------------------------------------------------
+contents=$(dpkg-deb -c "$deb" | awk '{printf "%s", $1; for (i = 6; i <= NF; i++) printf " %s", $i; print ""}')
+for want in \
+    "-rwxr-xr-x ./usr/bin/tcpnetlock" \
+    "lrwxrwxrwx ./usr/bin/tcpnetlock_server -> tcpnetlock" \
+    "lrwxrwxrwx ./usr/bin/tcpnetlock_client -> tcpnetlock" \
+    "lrwxrwxrwx ./usr/bin/tcpnetlock_do -> tcpnetlock" \
+    "-rw-r--r-- ./lib/systemd/system/tcpnetlock.socket" \
+    "-rw-r--r-- ./lib/systemd/system/tcpnetlock.service" \
+    "-rw-r--r-- ./usr/share/man/man1/tcpnetlock.1.gz" \
+    "-rw-r--r-- ./usr/share/man/man1/tcpnetlock-server.1.gz" \
+    "-rw-r--r-- ./usr/share/bash-completion/completions/tcpnetlock" \
+    "-rw-r--r-- ./usr/share/zsh/vendor-completions/_tcpnetlock" \
+    "-rw-r--r-- ./usr/share/fish/vendor_completions.d/tcpnetlock.fish" \
+    "-rw-r--r-- ./usr/share/doc/tcpnetlock/README.md" \
+    "-rw-r--r-- ./usr/share/doc/tcpnetlock/copyright"; do
+    grep -qxF -- "$want" <<<"$contents" || fail ".deb lacks: $want"
+done
+pass ".deb contents"
+scripts=$(mktemp -d)
+dpkg-deb -e "$deb" "$scripts"
+grep -q "deb-systemd-helper enable tcpnetlock.socket" "$scripts/postinst" || fail "postinst does not enable the socket"
+grep -q "deb-systemd-invoke start tcpnetlock.socket" "$scripts/postinst" || fail "postinst does not start the socket"
+grep -q "deb-systemd-invoke stop tcpnetlock.socket tcpnetlock.service" "$scripts/prerm" || fail "prerm does not stop"
+grep -q "deb-systemd-helper purge tcpnetlock.socket" "$scripts/postrm" || fail "postrm does not purge"
+rm -rf "$scripts"
+pass ".deb maintainer scripts"
+
+dpkg -i "$deb" >/dev/null
+[ "$(/usr/bin/tcpnetlock --version)" = "tcpnetlock $version" ] || fail "installed binary: $(/usr/bin/tcpnetlock --version)"
+[ "$(readlink /usr/bin/tcpnetlock_do)" = tcpnetlock ] || fail "drop-in symlink missing"
+[ -f /lib/systemd/system/tcpnetlock.socket ] || fail "socket unit not installed"
+man -w tcpnetlock >/dev/null || fail "man page not found by man"
+[ -L /etc/systemd/system/sockets.target.wants/tcpnetlock.socket ] || fail "socket not enabled on install"
+# verify as installed: ExecStart exists, and Documentation=man:tcpnetlock(1) resolves.
+out=$(systemd-analyze verify tcpnetlock.socket tcpnetlock.service 2>&1) || fail "systemd-analyze verify: $out"
+[ -z "$out" ] || fail "systemd-analyze verify is not clean: $out"
+pass "systemd-analyze verify clean (installed units, man page checked)"
+dpkg --purge tcpnetlock >/dev/null
+left=$(ls -d /usr/bin/tcpnetlock* /lib/systemd/system/tcpnetlock* /usr/share/man/man1/tcpnetlock* \
+    /usr/share/doc/tcpnetlock /etc/systemd/system/tcpnetlock* /etc/systemd/system/*/tcpnetlock* \
+    /var/lib/systemd/deb-systemd-helper-*/*tcpnetlock* /var/lib/systemd/deb-systemd-helper-*/*/*tcpnetlock* \
+    2>/dev/null || true)
+[ -z "$left" ] || fail "left behind after purge: $left"
+pass ".deb installs (binary, drop-in names, units, man page, socket enabled) and purges clean"
+
+# --- .rpm -------------------------------------------------------------------------------------
+files=$(rpm -qlp "$rpm")
+for want in /usr/bin/tcpnetlock /usr/lib/systemd/system/tcpnetlock.socket \
+    /usr/lib/systemd/system/tcpnetlock.service /usr/share/man/man1/tcpnetlock.1 \
+    /usr/share/man/man1/tcpnetlock-server.1 /usr/share/bash-completion/completions/tcpnetlock \
+    /usr/share/zsh/site-functions/_tcpnetlock /usr/share/fish/vendor_completions.d/tcpnetlock.fish \
+    /usr/share/doc/tcpnetlock/README.md /usr/share/licenses/tcpnetlock/LICENSE; do
+    grep -qxF "$want" <<<"$files" || fail ".rpm lacks $want"
+done
+[ "$(rpm -qp --qf '%{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}' "$rpm")" = "tcpnetlock-$version-1.x86_64" ] \
+    || fail ".rpm name/version"
+rscripts=$(rpm -qp --scripts "$rpm")
+grep -q "systemctl --no-reload preset tcpnetlock.socket" <<<"$rscripts" || fail ".rpm %post does not preset the socket"
+grep -q "disable --now tcpnetlock.socket tcpnetlock.service" <<<"$rscripts" || fail ".rpm %preun does not stop"
+grep -q "ln -sf tcpnetlock /usr/bin/\$name" <<<"$rscripts" || fail ".rpm %post does not make the drop-in names"
+rpm -qp --qf '[%{FILEMODES:perms} %{FILENAMES}\n]' "$rpm" | grep -qx -- "-rwxr-xr-x /usr/bin/tcpnetlock" \
+    || fail ".rpm binary mode"
+pass ".rpm contents and scriptlets"
+echo "packages: all checks passed"
