@@ -11,8 +11,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    BIN, Client, Running, Server, TempDir, alive, await_file, children, free_port,
-    group_members, run_within, signal, try_lock, wait_until,
+    BIN, Client, Running, Server, TempDir, alive, await_file, children, free_port, group_members,
+    run_within, signal, try_lock, wait_until,
 };
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -41,7 +41,7 @@ fn run(s: &Server, args: &[&str]) -> (i32, String, String) {
 
 /// The lock is free: a fresh client gets it (and lets it go).
 fn is_free(s: &Server, name: &str) -> bool {
-    try_lock(s.addr, name).1 == "ok"
+    common::is_free(s.addr, name)
 }
 
 /// Starts `do` on a command that touches `ready` once it runs, then execs ARGS.
@@ -78,7 +78,10 @@ fn comms(group: i32) -> Vec<String> {
 fn exits_with_the_command_status_and_releases_first() {
     let s = Server::start(&[]);
     assert_eq!(run(&s, &["--lock-name", "st", "--", "true"]).0, 0);
-    assert_eq!(run(&s, &["--lock-name", "st", "--", "sh", "-c", "exit 5"]).0, 5);
+    assert_eq!(
+        run(&s, &["--lock-name", "st", "--", "sh", "-c", "exit 5"]).0,
+        5
+    );
     let (code, out, err) = run(&s, &["--lock-name", "st", "--", "echo", "hello"]);
     assert_eq!((code, out.as_str(), err.as_str()), (0, "hello\n", ""));
     // Back to back: each `do` has released before it exits, so none is refused.
@@ -92,7 +95,10 @@ fn exits_with_the_command_status_and_releases_first() {
 #[test]
 fn stdin_and_stdout_pass_through() {
     let s = Server::start(&[]);
-    let mut cmd = tnl_do(s.addr.port(), &["--lock-name", "io", "--", "tr", "a-z", "A-Z"]);
+    let mut cmd = tnl_do(
+        s.addr.port(),
+        &["--lock-name", "io", "--", "tr", "a-z", "A-Z"],
+    );
     cmd.stdin(Stdio::piped());
     let mut running = Running::spawn(&mut cmd);
     running
@@ -116,9 +122,23 @@ fn not_granted_is_123_quietly_or_the_conflict_exit_code() {
         (123, String::new(), String::new())
     );
     assert!(start.elapsed() < Duration::from_secs(2));
-    assert_eq!(run(&s, &["-E", "9", "--lock-name", "busy", "--", "true"]).0, 9);
     assert_eq!(
-        run(&s, &["--conflict-exit-code", "0", "--lock-name", "busy", "--", "true"]).0,
+        run(&s, &["-E", "9", "--lock-name", "busy", "--", "true"]).0,
+        9
+    );
+    assert_eq!(
+        run(
+            &s,
+            &[
+                "--conflict-exit-code",
+                "0",
+                "--lock-name",
+                "busy",
+                "--",
+                "true"
+            ]
+        )
+        .0,
         0
     );
     let (code, _, err) = run(&s, &["-v", "--lock-name", "busy", "--", "true"]);
@@ -131,7 +151,10 @@ fn command_not_found_is_127_and_not_runnable_is_124() {
     let s = Server::start(&[]);
     let (code, _, err) = run(&s, &["--", "/no/such/program", "1"]);
     assert_eq!(code, 127);
-    assert!(err.contains("command not found: '/no/such/program'"), "{err}");
+    assert!(
+        err.contains("command not found: '/no/such/program'"),
+        "{err}"
+    );
     assert_eq!(run(&s, &["--", "no-such-program-on-path"]).0, 127);
 
     let dir = TempDir::new("do-noexec");
@@ -155,7 +178,10 @@ fn unreachable_server_is_125() {
     cmd2.args(["do", "--host", "no-such-host.invalid", "--", "true"]);
     let (code, _, err) = run_within(&mut cmd2, LIMIT);
     assert_eq!(code, 125, "{err}");
-    assert!(err.contains("cannot connect to no-such-host.invalid:7654"), "{err}");
+    assert!(
+        err.contains("cannot connect to no-such-host.invalid:7654"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -196,7 +222,10 @@ fn the_command_sees_the_lock_name_and_token() {
         out,
         "name=sh_-c_echo_nameTCPNETLOCK_LOCK_NAME_tokenTCPNETLOCK_TOKEN-unset token=unset\n"
     );
-    let (_, out, _) = run(&s, &["--", "sh", "-c", "echo $TCPNETLOCK_LOCK_NAME", "./x.y/z"]);
+    let (_, out, _) = run(
+        &s,
+        &["--", "sh", "-c", "echo $TCPNETLOCK_LOCK_NAME", "./x.y/z"],
+    );
     assert_eq!(out, "sh_-c_echo_TCPNETLOCK_LOCK_NAME___x_y_z\n");
 
     let mut cmd = tnl_do(
@@ -263,9 +292,15 @@ fn wait_queues_for_the_lock() {
 
     let (_holder, _) = try_lock(s.addr, "q");
     let start = Instant::now();
-    assert_eq!(run(&s, &["--wait", "0.3", "--lock-name", "q", "--", "true"]).0, 123);
+    assert_eq!(
+        run(&s, &["--wait", "0.3", "--lock-name", "q", "--", "true"]).0,
+        123
+    );
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(290) && took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(290) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
 }
 
 #[test]
@@ -273,16 +308,37 @@ fn retry_asks_again_after_retry_wait() {
     let s = Server::start(&[]);
     let (mut holder, _) = try_lock(s.addr, "r");
     let start = Instant::now();
-    let args = ["--retry", "2", "--retry-wait", "0.2", "--lock-name", "r", "--", "true"];
+    let args = [
+        "--retry",
+        "2",
+        "--retry-wait",
+        "0.2",
+        "--lock-name",
+        "r",
+        "--",
+        "true",
+    ];
     assert_eq!(run(&s, &args).0, 123);
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(390) && took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(390) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
     assert_eq!(s.stat("lock_not_acquired_count"), 3.0);
 
     // Released between two attempts: the retry gets it.
     let mut retrying = Running::spawn(&mut tnl_do(
         s.addr.port(),
-        &["--retry", "5", "--retry-wait", "0.2", "--lock-name", "r", "--", "true"],
+        &[
+            "--retry",
+            "5",
+            "--retry-wait",
+            "0.2",
+            "--lock-name",
+            "r",
+            "--",
+            "true",
+        ],
     ));
     assert!(wait_until(LIMIT, || s.stat("lock_not_acquired_count") >= 4.0).is_some());
     assert_eq!(holder.ask("release"), "released");
@@ -352,12 +408,16 @@ fn kill_9_of_do_ends_the_command_and_frees_the_lock() {
         let dir = TempDir::new("do-kill9");
         let (mut running, _) = start_marked(&s, &dir, &["--lock-name", "k9"], command);
         let guardian = guardian_of(running.pid());
-        assert!(group_members(guardian).iter().any(|m| m.1 == "sleep"));
+        let sleeping = || group_members(guardian).iter().any(|m| m.1 == "sleep");
+        assert!(wait_until(LIMIT, sleeping).is_some(), "{command}");
         signal(running.pid(), libc::SIGKILL);
         running.wait_within(LIMIT);
         // SIGTERM to the group at once; `sleep` obeys it.
         let gone = wait_until(LIMIT, || group_members(guardian).is_empty());
-        assert!(gone.is_some_and(|t| t < Duration::from_secs(5)), "{command}: {gone:?}");
+        assert!(
+            gone.is_some_and(|t| t < Duration::from_secs(5)),
+            "{command}: {gone:?}"
+        );
         assert!(wait_until(LIMIT, || is_free(&s, "k9")).is_some());
     }
 }
@@ -373,11 +433,12 @@ fn kill_9_of_do_with_on_lost_ignore_leaves_the_command_running() {
         "exec sleep 100",
     );
     let guardian = guardian_of(running.pid());
-    let sleep = group_members(guardian)
-        .into_iter()
-        .find(|m| m.1 == "sleep")
-        .unwrap()
-        .0;
+    let mut sleep = None;
+    wait_until(LIMIT, || {
+        sleep = group_members(guardian).into_iter().find(|m| m.1 == "sleep");
+        sleep.is_some()
+    });
+    let sleep = sleep.expect("sleep never started").0;
     signal(running.pid(), libc::SIGKILL);
     running.wait_within(LIMIT);
     assert!(wait_until(LIMIT, || is_free(&s, "k9i")).is_some());
@@ -419,7 +480,10 @@ fn a_command_that_ignores_sigterm_is_killed_after_the_grace_period() {
     drop(s);
     assert_eq!(running.finish(LIMIT).0, 122);
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(490) && took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(490) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
     // The background sleep (which ignores TERM too) went with the sweep.
     assert!(group_members(guardian).is_empty());
 }
@@ -433,10 +497,15 @@ fn lost_lock_with_on_lost_ignore_warns_and_lets_the_command_finish() {
         &s,
         &dir,
         &["--on-lost", "ignore", "--lock-name", "ign"],
-        &format!("while [ ! -e {} ]; do sleep 0.02; done; exit 3", go.display()),
+        &format!(
+            "while [ ! -e {} ]; do sleep 0.02; done; exit 3",
+            go.display()
+        ),
     );
     drop(s);
-    let warned = wait_until(LIMIT, || running.stderr().contains("warning: lock ign lost"));
+    let warned = wait_until(LIMIT, || {
+        running.stderr().contains("warning: lock ign lost")
+    });
     assert!(warned.is_some(), "{}", running.stderr());
     std::fs::write(&go, "").unwrap();
     let (code, _, err) = running.finish(LIMIT);
@@ -448,7 +517,10 @@ fn lost_lock_with_on_lost_ignore_warns_and_lets_the_command_finish() {
 fn a_lease_is_renewed_while_the_command_runs() {
     let s = Server::start(&[]);
     let start = Instant::now();
-    let (code, _, err) = run(&s, &["--ttl", "0.3", "--lock-name", "lease", "--", "sleep", "1.2"]);
+    let (code, _, err) = run(
+        &s,
+        &["--ttl", "0.3", "--lock-name", "lease", "--", "sleep", "1.2"],
+    );
     assert_eq!((code, err.as_str()), (0, ""));
     assert!(start.elapsed() >= Duration::from_millis(1200));
     assert_eq!(s.stat("lease_expired_count"), 0.0);
@@ -483,7 +555,10 @@ fn an_expired_lease_terminates_the_command() {
         await_file(&ready2);
         reader.get_mut().write_all(b"expired\n").unwrap();
     });
-    let mut cmd = tnl_do(addr.port(), &["--ttl", "30", "--lock-name", "ex", "--", "sh", "-c"]);
+    let mut cmd = tnl_do(
+        addr.port(),
+        &["--ttl", "30", "--lock-name", "ex", "--", "sh", "-c"],
+    );
     cmd.arg(format!("touch {}; exec sleep 100", ready.display()));
     let (code, _, err) = run_within(&mut cmd, LIMIT);
     assert_eq!(code, 122, "{err}");
@@ -499,7 +574,10 @@ fn requests_are_0_1_8_lines_and_keep_alive_sends_keepalives() {
         let mut keepalives = 0;
         loop {
             let mut line = String::new();
-            assert!(reader.read_line(&mut line).unwrap() > 0, "closed before release");
+            assert!(
+                reader.read_line(&mut line).unwrap() > 0,
+                "closed before release"
+            );
             match line.trim_end() {
                 ".keepalive" => {
                     keepalives += 1;
@@ -553,7 +631,8 @@ fn on_a_terminal_the_command_gets_the_foreground() {
         s.addr.port()
     );
     let mut cmd = Command::new(script);
-    cmd.args(["-qec", &inner, "/dev/null"]).stdin(Stdio::piped());
+    cmd.args(["-qec", &inner, "/dev/null"])
+        .stdin(Stdio::piped());
     let mut running = Running::spawn(&mut cmd);
     running
         .child
@@ -574,7 +653,10 @@ fn verbose_says_what_happens() {
     assert_eq!(code, 0);
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 3, "{err}");
-    assert_eq!(lines[0], "tcpnetlock: lock name true (made from the command)");
+    assert_eq!(
+        lines[0],
+        "tcpnetlock: lock name true (made from the command)"
+    );
     assert!(lines[1].starts_with("tcpnetlock: lock true granted (token "));
     assert_eq!(lines[2], "tcpnetlock: lock true released");
 }

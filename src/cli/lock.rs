@@ -10,7 +10,8 @@
 //!
 //! stdout carries one line, the server's answer (`ok`, `ok,token:N`, `not-granted`), so a
 //! script reading it never waits for nothing. stdin is only watched for its end: what is written
-//! to it is read and dropped.
+//! to it is read and dropped. A stdin already at its end (`</dev/null`, or closed: the Rust
+//! runtime opens /dev/null in its place) releases at once.
 
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -113,7 +114,6 @@ pub(super) fn watch_signals(which: &[libc::c_int]) -> Result<SignalFd, Fail> {
 
 /// Waits for the end of stdin (if watched), a signal, or the loss of the lock.
 pub(super) fn hold(lock: &Lock, signals: &SignalFd, stdin: Option<BorrowedFd<'_>>) -> End {
-    let mut stdin = stdin;
     loop {
         let mut fds = [
             signals::pollfd(Some(signals.as_fd())),
@@ -131,9 +131,7 @@ pub(super) fn hold(lock: &Lock, signals: &SignalFd, stdin: Option<BorrowedFd<'_>
         {
             return End::Lost(why);
         }
-        if fds[2].revents & libc::POLLNVAL != 0 {
-            stdin = None; // closed (`<&-`): hold until a signal
-        } else if fds[2].revents != 0 && drained_to_end(fds[2].fd) {
+        if fds[2].revents != 0 && drained_to_end(fds[2].fd) {
             return End::Release;
         }
     }

@@ -324,8 +324,12 @@ impl Running {
             )
         });
         // Let the readers take the last bytes.
-        wait_until(Duration::from_secs(2), || Arc::strong_count(&self.stderr) == 1);
-        wait_until(Duration::from_secs(2), || Arc::strong_count(&self.stdout) == 1);
+        wait_until(Duration::from_secs(2), || {
+            Arc::strong_count(&self.stderr) == 1
+        });
+        wait_until(Duration::from_secs(2), || {
+            Arc::strong_count(&self.stdout) == 1
+        });
         status
     }
 
@@ -434,4 +438,15 @@ pub fn await_file(path: &std::path::Path) {
         "{} never appeared",
         path.display()
     );
+}
+
+/// Whether `name` is free now: takes it and releases it (waiting for `released`, so the next
+/// request finds it free again).
+pub fn is_free(addr: SocketAddr, name: &str) -> bool {
+    let (mut c, reply) = try_lock(addr, name);
+    if reply != "ok" {
+        return false;
+    }
+    assert_eq!(c.ask("release"), "released");
+    true
 }
