@@ -44,10 +44,16 @@ fn is_free(s: &Server, name: &str) -> bool {
     common::is_free(s.addr, name)
 }
 
-/// Starts `do` on a command that touches `ready` once it runs, then execs ARGS.
+/// Starts `do` on the shell command `then`, and waits until it has run up to `$READY` (where it
+/// touches the marker file; at the start if it does not say).
 fn start_marked(s: &Server, dir: &TempDir, do_args: &[&str], then: &str) -> (Running, String) {
     let ready = dir.path.join("ready");
-    let script = format!("touch {}; {then}", ready.display());
+    let touch = format!("touch {}", ready.display());
+    let script = if then.contains("$READY") {
+        then.replace("$READY", &touch)
+    } else {
+        format!("{touch}; {then}")
+    };
     let mut args = do_args.to_vec();
     args.extend(["--", "sh", "-c", &script]);
     let mut cmd = tnl_do(s.addr.port(), &args);
@@ -372,11 +378,14 @@ fn a_forwarded_signal_reaches_the_command_s_handler() {
         &s,
         &dir,
         &["--lock-name", "trap"],
-        "trap 'echo got TERM; exit 7' TERM; sleep 100 & wait",
+        "trap 'echo got TERM; exit 7' TERM; sleep 100 & $READY; wait",
     );
+    let guardian = guardian_of(running.pid());
     signal(running.pid(), libc::SIGTERM);
     let (code, out, _) = running.finish(LIMIT);
     assert_eq!((code, out.as_str()), (7, "got TERM\n"));
+    // The background `sleep` is in the group: it got the SIGTERM too.
+    assert!(wait_until(LIMIT, || group_members(guardian).is_empty()).is_some());
 }
 
 #[test]
@@ -473,7 +482,7 @@ fn a_command_that_ignores_sigterm_is_killed_after_the_grace_period() {
         &s,
         &dir,
         &["--grace", "0.5", "--lock-name", "stubborn"],
-        "trap '' TERM; sleep 100 & wait",
+        "trap '' TERM; sleep 100 & $READY; wait",
     );
     let guardian = guardian_of(running.pid());
     let start = Instant::now();
