@@ -83,6 +83,19 @@ fn do_takes_0_1_8_arguments_and_returns_its_statuses() {
     let refused = format!("--port={}", free_port());
     let (code, _, _) = names.run("tcpnetlock_do", &["--lock-name=x", &refused, "--", "true"]);
     assert_eq!(code, 125);
+    // argparse lets a later option override an earlier one (0.1.8's own tests rely on it).
+    let (code, _, err) = names.run(
+        "tcpnetlock_do",
+        &[
+            "--port=1",
+            &port,
+            "--lock-name=a",
+            "--lock-name=o",
+            "--",
+            "true",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
     // argparse accepts any unique prefix of a long option.
     let (code, out, _) = names.run(
         "tcpnetlock_do",

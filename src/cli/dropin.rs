@@ -31,6 +31,7 @@ use crate::client;
 #[command(
     name = "tcpnetlock_server",
     infer_long_args = true,
+    args_override_self = true,
     about = "tcpnetlock server (0.1.8's command line)"
 )]
 struct ServerArgs {
@@ -78,6 +79,7 @@ pub fn server(argv: Vec<OsString>) -> Result<u8, Fail> {
 #[command(
     name = "tcpnetlock_client",
     infer_long_args = true,
+    args_override_self = true,
     about = "Take a lock and hold it until killed (0.1.8's command line)"
 )]
 struct ClientArgs {
@@ -160,6 +162,7 @@ fn python_error(e: &std::io::Error) -> String {
 #[command(
     name = "tcpnetlock_do",
     infer_long_args = true,
+    args_override_self = true,
     about = "Run a command while holding a lock (tcpnetlock do under 0.1.8's name)"
 )]
 struct DoArgs {

@@ -34,8 +34,9 @@ reached; 127 if the command was not found; 2 for bad options.
 
 The command's environment has TCPNETLOCK_LOCK_NAME, and TCPNETLOCK_TOKEN with --fencing.";
 
+/// An option given twice takes its last value, as 0.1.8's argparse did (wrappers append flags).
 #[derive(Debug, Args)]
-#[command(after_help = EXIT_CODES)]
+#[command(after_help = EXIT_CODES, args_override_self = true)]
 pub struct RunArgs {
     /// Name of the lock [default: made from the command, as 0.1.8 did: spaces, '.' and '/'
     /// become '_', other characters outside [A-Za-z0-9_-] are dropped].
