@@ -363,6 +363,19 @@ impl fmt::Display for Lost {
 }
 
 /// Everything a request can end with other than success.
+///
+/// ```
+/// use tcpnetlock::client::{Client, Error};
+///
+/// // A port nobody listens on.
+/// let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+/// match Client::new("127.0.0.1", port).lock("nightly-report") {
+///     Err(Error::Refused { server }) => assert_eq!(server, format!("127.0.0.1:{port}")),
+///     Err(Error::NotGranted) => println!("someone else is on it"),
+///     other => panic!("{other:?}"),
+/// }
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
@@ -424,6 +437,36 @@ impl std::error::Error for Error {
 
 /// A granted lock. It is held until this is dropped or [released](Lock::release), or until it
 /// is [lost](Lock::lost).
+///
+/// # Example
+///
+/// Against a stand-in for the server, so that the example runs anywhere (the protocol is one
+/// line per request; docs/PROTOCOL.md):
+///
+/// ```
+/// use std::io::{BufRead, BufReader, Write};
+/// use std::net::TcpListener;
+/// use tcpnetlock::client::Client;
+///
+/// let listener = TcpListener::bind("127.0.0.1:0")?;
+/// let port = listener.local_addr()?.port();
+/// let server = std::thread::spawn(move || -> std::io::Result<Vec<String>> {
+///     let (mut stream, _) = listener.accept()?;
+///     let mut lines = BufReader::new(stream.try_clone()?).lines();
+///     let request = lines.next().unwrap()?;
+///     stream.write_all(b"ok,token:42\n")?;
+///     let release = lines.next().unwrap()?;
+///     stream.write_all(b"released\n")?;
+///     Ok(vec![request, release])
+/// });
+///
+/// let lock = Client::new("127.0.0.1", port).fencing(true).lock("report")?;
+/// assert_eq!(lock.token(), Some(42)); // pass it on to what the lock protects
+/// assert_eq!(lock.lost(), None);
+/// lock.release()?;
+/// assert_eq!(server.join().unwrap()?, ["lock,name:report,fencing:1", "release"]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct Lock {
     name: String,
