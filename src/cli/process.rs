@@ -218,7 +218,7 @@ unsafe fn guard(command: pid_t, parent: pid_t, options: Options) -> ! {
                     }
                     let left = at.saturating_sub(now);
                     let ts = libc::timespec {
-                        tv_sec: left.as_secs() as libc::time_t,
+                        tv_sec: left.as_secs() as _,
                         tv_nsec: left.subsec_nanos() as libc::c_long,
                     };
                     libc::sigtimedwait(&set, std::ptr::null_mut(), &ts);
