@@ -170,3 +170,26 @@ fn the_readme_coproc_recipe_works() {
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(out, "reply=ok\nheld\nstatus=0\nfree-again\n", "{err}");
 }
+
+#[test]
+fn the_readme_fifo_recipe_works_in_a_posix_shell() {
+    let s = Server::start(&[]);
+    let script = format!(
+        r#"
+        export TCPNETLOCK_HOST=127.0.0.1 TCPNETLOCK_PORT={port}
+        dir=$(mktemp -d); mkfifo "$dir/in" "$dir/out"
+        {BIN} lock build-cache < "$dir/in" > "$dir/out" &
+        exec 3> "$dir/in"
+        read -r reply < "$dir/out"
+        echo "reply=$reply"
+        {BIN} do --lock-name build-cache -- true; echo "while held: $?"
+        exec 3>&-
+        wait $!; echo "status=$?"; rm -r "$dir"
+        {BIN} do --lock-name build-cache -- echo free-again
+        "#,
+        port = s.addr.port()
+    );
+    let (code, out, err) = run_within(Command::new("sh").arg("-c").arg(script), LIMIT);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out, "reply=ok\nwhile held: 123\nstatus=0\nfree-again\n", "{err}");
+}
