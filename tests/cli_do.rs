@@ -74,6 +74,17 @@ fn guardian_of(do_pid: i32) -> i32 {
     found[0]
 }
 
+/// Kills a process group when the test ends, passed or failed: with `--on-lost ignore` nothing
+/// else ends a command whose `do` is gone.
+struct KillGroup(i32);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        // SAFETY: plain system call; ESRCH when the group is already gone.
+        unsafe { libc::kill(-self.0, libc::SIGKILL) };
+    }
+}
+
 fn comms(group: i32) -> Vec<String> {
     let mut names: Vec<String> = group_members(group).into_iter().map(|m| m.1).collect();
     names.sort();
@@ -442,6 +453,7 @@ fn kill_9_of_do_with_on_lost_ignore_leaves_the_command_running() {
         "exec sleep 100",
     );
     let guardian = guardian_of(running.pid());
+    let _cleanup = KillGroup(guardian);
     let mut sleep = None;
     wait_until(LIMIT, || {
         sleep = group_members(guardian).into_iter().find(|m| m.1 == "sleep");
@@ -452,7 +464,6 @@ fn kill_9_of_do_with_on_lost_ignore_leaves_the_command_running() {
     running.wait_within(LIMIT);
     assert!(wait_until(LIMIT, || is_free(&s, "k9i")).is_some());
     assert!(alive(sleep), "ignore means the command runs on");
-    signal(-guardian, libc::SIGKILL);
 }
 
 #[test]
@@ -511,6 +522,7 @@ fn lost_lock_with_on_lost_ignore_warns_and_lets_the_command_finish() {
             go.display()
         ),
     );
+    let _cleanup = KillGroup(guardian_of(running.pid()));
     drop(s);
     let warned = wait_until(LIMIT, || {
         running.stderr().contains("warning: lock ign lost")

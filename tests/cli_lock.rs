@@ -191,5 +191,8 @@ fn the_readme_fifo_recipe_works_in_a_posix_shell() {
     );
     let (code, out, err) = run_within(Command::new("sh").arg("-c").arg(script), LIMIT);
     assert_eq!(code, 0, "{out}{err}");
-    assert_eq!(out, "reply=ok\nwhile held: 123\nstatus=0\nfree-again\n", "{err}");
+    assert_eq!(
+        out, "reply=ok\nwhile held: 123\nstatus=0\nfree-again\n",
+        "{err}"
+    );
 }
