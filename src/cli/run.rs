@@ -8,6 +8,7 @@
 //! ([`super::process`]) so that killing `do` cannot leave it running without the lock.
 
 use std::ffi::OsString;
+use std::os::fd::AsFd;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -289,61 +290,113 @@ fn supervise(
     args: &RunArgs,
     name: &str,
 ) -> std::io::Result<Outcome> {
-    let mut lost = false;
-    let mut terminating = false;
-    let mut kill_at: Option<Instant> = None;
+    let mut run = Run {
+        group,
+        lock,
+        args,
+        name,
+        lost: false,
+        kill_at: None,
+        terminating: false,
+    };
     loop {
-        let lock_fd = (!lost).then(|| std::os::fd::AsFd::as_fd(lock));
+        let lock_readable = run.wait(signals)?;
+        while let Some(signal) = signals.next() {
+            run.pass_on(signal);
+        }
+        if let Some(outcome) = run.ended()? {
+            return Ok(outcome);
+        }
+        if lock_readable {
+            run.check_lock();
+        }
+        run.kill_when_due();
+    }
+}
+
+/// One command under the lock, and what has happened to both.
+struct Run<'a> {
+    group: &'a mut Group,
+    lock: &'a Lock,
+    args: &'a RunArgs,
+    name: &'a str,
+    lost: bool,
+    /// The command was told to end because the lock was lost.
+    terminating: bool,
+    /// When to follow the SIGTERM with a SIGKILL.
+    kill_at: Option<Instant>,
+}
+
+impl Run<'_> {
+    /// Sleeps until a signal, news on the lock's connection (true), or the SIGKILL deadline.
+    fn wait(&self, signals: &SignalFd) -> std::io::Result<bool> {
+        let lock_fd = (!self.lost).then(|| self.lock.as_fd());
         let mut fds = [
-            signals::pollfd(Some(std::os::fd::AsFd::as_fd(signals))),
+            signals::pollfd(Some(signals.as_fd())),
             signals::pollfd(lock_fd),
         ];
-        signals::poll(
-            &mut fds,
-            kill_at.map(|at| at.saturating_duration_since(Instant::now())),
-        )?;
-        while let Some(signal) = signals.next() {
-            if signal != libc::SIGCHLD {
-                if args.verbose() {
-                    eprintln!(
-                        "tcpnetlock: passing SIG{} on to the command",
-                        signals::name(signal)
-                    );
-                }
-                group.signal(signal);
-            }
+        let timeout = self
+            .kill_at
+            .map(|at| at.saturating_duration_since(Instant::now()));
+        signals::poll(&mut fds, timeout)?;
+        Ok(fds[1].revents != 0)
+    }
+
+    /// SIGCHLD only says "look"; the others are for the command.
+    fn pass_on(&self, signal: libc::c_int) {
+        if signal == libc::SIGCHLD {
+            return;
         }
-        if let Some(code) = group.try_wait(terminating)? {
-            return Ok(if terminating {
+        if self.args.verbose() {
+            eprintln!(
+                "tcpnetlock: passing SIG{} on to the command",
+                signals::name(signal)
+            );
+        }
+        self.group.signal(signal);
+    }
+
+    fn ended(&mut self) -> std::io::Result<Option<Outcome>> {
+        let terminating = self.terminating;
+        Ok(self.group.try_wait(terminating)?.map(|code| {
+            if terminating {
                 Outcome::Terminated
             } else {
-                Outcome::Exited { code, lost }
-            });
-        }
-        if !lost
-            && fds[1].revents != 0
-            && let Some(why) = lock.lost()
-        {
-            lost = true;
-            if args.on_lost == OnLost::Terminate {
-                eprintln!(
-                    "tcpnetlock: lock {name} lost: {why}; terminating the command (SIGTERM, \
-                     SIGKILL after {}s)",
-                    args.grace.as_secs_f64()
-                );
-                group.signal(libc::SIGTERM);
-                terminating = true;
-                kill_at = Some(Instant::now() + args.grace);
-            } else {
-                eprintln!(
-                    "tcpnetlock: warning: lock {name} lost: {why}; the command keeps running \
-                     (--on-lost ignore)"
-                );
+                Outcome::Exited {
+                    code,
+                    lost: self.lost,
+                }
             }
+        }))
+    }
+
+    fn check_lock(&mut self) {
+        let Some(why) = self.lock.lost() else {
+            return;
+        };
+        self.lost = true;
+        let name = self.name;
+        if self.args.on_lost == OnLost::Ignore {
+            eprintln!(
+                "tcpnetlock: warning: lock {name} lost: {why}; the command keeps running \
+                 (--on-lost ignore)"
+            );
+            return;
         }
-        if kill_at.is_some_and(|at| Instant::now() >= at) {
-            group.signal(libc::SIGKILL);
-            kill_at = None;
+        eprintln!(
+            "tcpnetlock: lock {name} lost: {why}; terminating the command (SIGTERM, SIGKILL \
+             after {}s)",
+            self.args.grace.as_secs_f64()
+        );
+        self.group.signal(libc::SIGTERM);
+        self.terminating = true;
+        self.kill_at = Some(Instant::now() + self.args.grace);
+    }
+
+    fn kill_when_due(&mut self) {
+        if self.kill_at.is_some_and(|at| Instant::now() >= at) {
+            self.group.signal(libc::SIGKILL);
+            self.kill_at = None;
         }
     }
 }
