@@ -5,7 +5,7 @@
 //! One thread, one `poll` loop: it wakes for a signal (forwarded to the command's process
 //! group; SIGCHLD means look whether the command ended), for the lock's connection (lost?), and
 //! for the end of the grace period after a SIGTERM. The command runs under a guardian
-//! ([`super::process`]) so that killing `do` cannot leave it running without the lock.
+//! (`cli/process.rs`) so that killing `do` cannot leave it running without the lock.
 
 use std::ffi::OsString;
 use std::os::fd::AsFd;
