@@ -66,6 +66,9 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .filter(|n| *n >= 10)
         .unwrap_or(500);
+    let busy = cpu_busy_pct(Duration::from_secs(1)).map_or("unknown".into(), |p| {
+        format!("CPUs {p:.0}% busy over the second before")
+    });
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_tcpnetlock"));
     let scratch = target_dir().join("bench-do");
     fs::create_dir_all(&scratch).expect("scratch dir");
@@ -131,7 +134,7 @@ fn main() {
         ),
     };
     drop(server);
-    print_report(&candidates, &timings, &method, &notes);
+    print_report(&candidates, &timings, &method, &notes, busy);
 }
 
 /// Every command must succeed before it is timed: a fast failure would look like a fast tool.
@@ -281,10 +284,16 @@ fn summarize(samples: &[f64]) -> Timing {
 // ---------------------------------------------------------------------------------------------
 // Report
 
-fn print_report(candidates: &[Candidate], timings: &[Timing], method: &str, notes: &[String]) {
+fn print_report(
+    candidates: &[Candidate],
+    timings: &[Timing],
+    method: &str,
+    notes: &[String],
+    busy: String,
+) {
     let mut out = String::new();
     let _ = writeln!(out, "\n## `tcpnetlock do` against flock\n");
-    for (k, v) in machine() {
+    for (k, v) in machine(busy) {
         let _ = writeln!(out, "- {k}: {v}");
     }
     let _ = writeln!(
@@ -343,16 +352,13 @@ fn ms(secs: f64) -> String {
     format!("{:.2} ms", secs * 1000.0)
 }
 
-fn machine() -> Vec<(&'static str, String)> {
+fn machine(busy: String) -> Vec<(&'static str, String)> {
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
         .find(|l| l.starts_with("model name"))
         .and_then(|l| l.split_once(':'))
         .map_or("unknown".into(), |(_, v)| v.trim().to_owned());
-    let load = fs::read_to_string("/proc/loadavg")
-        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default();
     vec![
         (
             "CPUs (nproc)",
@@ -376,8 +382,33 @@ fn machine() -> Vec<(&'static str, String)> {
             "flock",
             output(Command::new("flock").arg("--version")).unwrap_or_default(),
         ),
-        ("Load average before the run", load),
+        ("Other load before the run", busy),
     ]
+}
+
+/// Percent of all CPUs' time not idle over `span`, from /proc/stat (the load average of a VM
+/// can say little about its CPUs).
+fn cpu_busy_pct(span: Duration) -> Option<f64> {
+    let sample = || -> Option<(u64, u64)> {
+        let text = fs::read_to_string("/proc/stat").ok()?;
+        let v: Vec<u64> = text
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal
+        Some((
+            v.iter().take(8).sum(),
+            v.get(3)? + v.get(4).copied().unwrap_or(0),
+        ))
+    };
+    let (t0, i0) = sample()?;
+    thread::sleep(span);
+    let (t1, i1) = sample()?;
+    let total = t1.checked_sub(t0).filter(|t| *t > 0)?;
+    Some(100.0 * (1.0 - (i1 - i0) as f64 / total as f64))
 }
 
 // ---------------------------------------------------------------------------------------------
