@@ -296,11 +296,16 @@ fn print_report(
     for (k, v) in machine(busy) {
         let _ = writeln!(out, "- {k}: {v}");
     }
-    let _ = writeln!(
-        out,
-        "- Command: `{}cargo bench --bench do`",
-        env::var("CARGO_TARGET_DIR").map_or(String::new(), |d| format!("CARGO_TARGET_DIR={d} "))
-    );
+    let envs: String = [
+        "CARGO_TARGET_DIR",
+        "TCPNETLOCK_BENCH_RUNS",
+        "TCPNETLOCK_BENCH_MUSL",
+        "TCPNETLOCK_BENCH_PYTHON",
+    ]
+    .iter()
+    .filter_map(|k| env::var(k).ok().map(|v| format!("{k}={v} ")))
+    .collect();
+    let _ = writeln!(out, "- Command: `{envs}cargo bench --bench do`");
     let _ = writeln!(out, "- Timing: {method}, no shell in between");
     let _ = writeln!(
         out,
