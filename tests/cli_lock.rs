@@ -196,3 +196,18 @@ fn the_readme_fifo_recipe_works_in_a_posix_shell() {
         "{err}"
     );
 }
+
+#[test]
+fn a_server_error_is_printed_and_is_123() {
+    let s = Server::start(&[]);
+    let mut a = common::Client::connect(s.addr);
+    assert_eq!(a.ask("lock,name:sem,max:2"), "ok");
+    // `lock` asks for a plain lock (max 1): the server refuses the mismatch with an `err,` line.
+    let (code, out, err) = run_within(&mut tnl_lock(s.addr.port(), &["sem"]), LIMIT);
+    assert_eq!(code, 123, "{err}");
+    assert_eq!(out, "err,max mismatch: sem is held with max:2\n");
+    assert!(
+        err.contains("the server refused the request: max mismatch"),
+        "{err}"
+    );
+}

@@ -8,8 +8,9 @@
 //! exec {COPROC[1]}>&-                     # stdin ends: released
 //! ```
 //!
-//! stdout carries one line, the server's answer (`ok`, `ok,token:N`, `not-granted`), so a
-//! script reading it never waits for nothing. stdin is only watched for its end: what is written
+//! stdout carries one line, the server's answer (`ok`, `ok,token:N`, `not-granted`, or its
+//! `err,` line), so a script reading it never waits for nothing (unless the server cannot be
+//! reached: then nothing is printed and the status is 125). stdin is only watched for its end: what is written
 //! to it is read and dropped. A stdin already at its end (`</dev/null`, or closed: the Rust
 //! runtime opens /dev/null in its place) releases at once.
 
@@ -78,7 +79,12 @@ pub fn run(args: LockArgs) -> Result<u8, Fail> {
             say("not-granted");
             return Err(Fail::silent(EXIT_NOT_GRANTED));
         }
-        Err(e) => return Err(Fail::from_client(&e)),
+        Err(e) => {
+            if let client::Error::Server(msg) = &e {
+                say(&format!("err,{msg}"));
+            }
+            return Err(Fail::from_client(&e));
+        }
     };
     let signals = watch_signals(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
     say(&match lock.token() {
