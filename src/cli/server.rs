@@ -10,7 +10,7 @@ use crate::log::Target;
 use crate::server::listen::{self, Keepalive};
 use crate::server::{self, Config, Server, notify};
 
-use super::{EXIT_USAGE, Fail, parse_secs};
+use super::{EXIT_FAILURE, EXIT_USAGE, Fail, parse_secs};
 
 #[derive(Debug, Args)]
 pub struct ServerArgs {
@@ -164,9 +164,12 @@ pub fn run(args: ServerArgs) -> Result<(), Fail> {
             &format!("cannot keep the fencing-token reservation: {e}"),
         )
     })?;
-    server
-        .start(listeners, passed)
-        .map_err(|e| Fail::new(1, &format!("cannot start the server's threads: {e}")))?;
+    server.start(listeners, passed).map_err(|e| {
+        Fail::new(
+            EXIT_FAILURE,
+            &format!("cannot start the server's threads: {e}"),
+        )
+    })?;
     // Logged once every thread runs: tests and operators may take this line as "ready".
     for addr in addrs {
         if passed {

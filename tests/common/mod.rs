@@ -263,3 +263,190 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Client commands: running `tcpnetlock do/lock/...` and watching the processes they start.
+
+/// A port nothing listens on (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running command whose stdout and stderr are collected as they come. Killed on drop.
+pub struct Running {
+    pub child: Child,
+    pub stdout: Arc<Mutex<String>>,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Running {
+    /// Spawns `cmd` with stdin null (unless set), stdout and stderr piped.
+    pub fn spawn(cmd: &mut Command) -> Running {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn");
+        let stdout = collect(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
+        Running {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for the exit; panics (showing the output) if it takes longer than `limit`.
+    pub fn wait_within(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut status = None;
+        wait_until(limit, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        let status = status.unwrap_or_else(|| {
+            panic!(
+                "still running after {limit:?}\n--- stdout\n{}\n--- stderr\n{}",
+                self.stdout(),
+                self.stderr()
+            )
+        });
+        // Let the readers take the last bytes.
+        wait_until(Duration::from_secs(2), || {
+            Arc::strong_count(&self.stderr) == 1
+        });
+        wait_until(Duration::from_secs(2), || {
+            Arc::strong_count(&self.stdout) == 1
+        });
+        status
+    }
+
+    /// Waits for the exit and returns (status code or 128+signal, stdout, stderr).
+    pub fn finish(&mut self, limit: Duration) -> (i32, String, String) {
+        let status = self.wait_within(limit);
+        (code(status), self.stdout(), self.stderr())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let text = Arc::new(Mutex::new(String::new()));
+    let sink = Arc::clone(&text);
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    text
+}
+
+/// Runs `cmd` to its end within `limit`: (status code or 128+signal, stdout, stderr).
+pub fn run_within(cmd: &mut Command, limit: Duration) -> (i32, String, String) {
+    cmd.stdin(Stdio::null());
+    Running::spawn(cmd).finish(limit)
+}
+
+/// An exit status as a shell shows it.
+pub fn code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+/// (comm, state, ppid, pgrp) of a process, from /proc; None once it is gone.
+pub fn proc_stat(pid: i32) -> Option<(String, char, i32, i32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text[open + 1..close].to_owned();
+    let mut rest = text[close + 1..].split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let ppid = rest.next()?.parse().ok()?;
+    let pgrp = rest.next()?.parse().ok()?;
+    Some((comm, state, ppid, pgrp))
+}
+
+/// Running, not a zombie.
+pub fn alive(pid: i32) -> bool {
+    proc_stat(pid).is_some_and(|(_, state, _, _)| !matches!(state, 'Z' | 'X'))
+}
+
+fn live_processes() -> Vec<(i32, String, i32, i32)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let (comm, state, ppid, pgrp) = proc_stat(pid)?;
+            (!matches!(state, 'Z' | 'X')).then_some((pid, comm, ppid, pgrp))
+        })
+        .collect()
+}
+
+/// Live processes whose parent is `pid`.
+pub fn children(pid: i32) -> Vec<i32> {
+    live_processes()
+        .into_iter()
+        .filter(|p| p.2 == pid)
+        .map(|p| p.0)
+        .collect()
+}
+
+/// Live members of process group `pgid`: (pid, comm).
+pub fn group_members(pgid: i32) -> Vec<(i32, String)> {
+    live_processes()
+        .into_iter()
+        .filter(|p| p.3 == pgid)
+        .map(|p| (p.0, p.1))
+        .collect()
+}
+
+/// Sends `signal` to `pid`.
+pub fn signal(pid: i32, signal: i32) {
+    // SAFETY: plain system call.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill {pid} {signal}");
+}
+
+/// Waits for `path` to exist (a command under test touches it once it runs).
+pub fn await_file(path: &std::path::Path) {
+    assert!(
+        wait_until(Duration::from_secs(10), || path.exists()).is_some(),
+        "{} never appeared",
+        path.display()
+    );
+}
+
+/// Whether `name` is free now: takes it and releases it (waiting for `released`, so the next
+/// request finds it free again).
+pub fn is_free(addr: SocketAddr, name: &str) -> bool {
+    let (mut c, reply) = try_lock(addr, name);
+    if reply != "ok" {
+        return false;
+    }
+    assert_eq!(c.ask("release"), "released");
+    true
+}

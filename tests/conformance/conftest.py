@@ -79,6 +79,34 @@ class RustServer:
 tests.test_utils.ServerThread = RustServer
 
 
+# Second pass (run.sh --dropin): 0.1.8's CLI tests start `python -m tcpnetlock.cli.tnl_do ...`
+# (also behind `timeout 1s env VAR=...`); run our binary under the original name instead.
+DROPIN_DIR = os.environ.get("TCPNETLOCK_DROPIN_DIR")
+DROPIN_MODULES = {
+    "tcpnetlock.cli.tnl_do": "tcpnetlock_do",
+    "tcpnetlock.cli.tnl_client": "tcpnetlock_client",
+}
+
+
+def _dropin_args(args):
+    for i in range(len(args) - 2):
+        if args[i] == "python" and args[i + 1] == "-m" and args[i + 2] in DROPIN_MODULES:
+            program = os.path.join(DROPIN_DIR, DROPIN_MODULES[args[i + 2]])
+            return args[:i] + [program] + args[i + 3:]
+    raise AssertionError("--dropin: no 0.1.8 program to replace in %r" % (args,))
+
+
+if DROPIN_DIR:
+    _subprocess_run = subprocess.run
+
+    def _run_dropin(args, *rest, **kwargs):
+        if isinstance(args, list):
+            args = _dropin_args(args)
+        return _subprocess_run(args, *rest, **kwargs)
+
+    subprocess.run = _run_dropin
+
+
 def pytest_unconfigure(config):
     # A failed teardown must not leave a server running after pytest exits.
     for server in _started:

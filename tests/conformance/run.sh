@@ -2,12 +2,23 @@
 # Runs the original tcpnetlock 0.1.8 test suite (Python client, tcpnetlock_client/tcpnetlock_do
 # CLIs, protocol) against our Rust server binary.
 #
-#   TCPNETLOCK_BIN=path/to/tcpnetlock bash tests/conformance/run.sh [extra pytest args]
+#   TCPNETLOCK_BIN=path/to/tcpnetlock bash tests/conformance/run.sh [--dropin] [extra pytest args]
+#
+# With --dropin, only 0.1.8's CLI tests run, and the programs they start (`python -m
+# tcpnetlock.cli.tnl_do`, `...tnl_client`) are replaced by our binary under the original names
+# (symlinks tcpnetlock_do, tcpnetlock_client): 0.1.8's expectations of its own CLIs, checked
+# against ours.
 #
 # TCPNETLOCK_BIN defaults to target/debug/tcpnetlock. The 0.1.8 code is never committed: the sdist
 # is downloaded into a scratch dir ($CARGO_TARGET_DIR or target/, then conformance/) together with
 # a venv; both are reused by later runs. Exits with pytest's status.
 set -euo pipefail
+
+dropin=
+if [ "${1:-}" = --dropin ]; then
+    dropin=1
+    shift
+fi
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$repo"
@@ -44,8 +55,9 @@ fi
 # Copied on every run so edits to our conftest take effect.
 cp tests/conformance/conftest.py "$src/conftest.py"
 
-rm -rf "$work/logs" && mkdir -p "$work/logs"
-export TCPNETLOCK_BIN=$bin TCPNETLOCK_LOG_DIR=$work/logs
+logs=$work/logs${dropin:+-dropin}
+rm -rf "$logs" && mkdir -p "$logs"
+export TCPNETLOCK_BIN=$bin TCPNETLOCK_LOG_DIR=$logs
 # The CLI tests spawn `python -m tcpnetlock.cli...`: that must be the venv's python.
 export PATH=$work/venv/bin:$PATH
 # The only tests left out: they check the Python server itself, not the wire.
@@ -55,10 +67,20 @@ skip=(
     # runs the Python server's own CLI (tcpnetlock_server) and expects its '[Errno 98]' messages
     --deselect tests/test_cli_tnl_server.py
 )
+selection=(tests)
+if [ -n "$dropin" ]; then
+    # conftest.py swaps `python -m tcpnetlock.cli.X` for these when TCPNETLOCK_DROPIN_DIR is set.
+    rm -rf "$work/dropin" && mkdir -p "$work/dropin"
+    for name in tcpnetlock_do tcpnetlock_client; do
+        ln -s "$bin" "$work/dropin/$name"
+    done
+    export TCPNETLOCK_DROPIN_DIR=$work/dropin
+    selection=(tests/test_cli_tnl_do.py tests/test_cli_tnl_client.py)
+fi
 cd "$src"
 status=0
-python -m pytest -p no:cacheprovider -rfE "${skip[@]}" "$@" tests || status=$?
+python -m pytest -p no:cacheprovider -rfE "${skip[@]}" "$@" "${selection[@]}" || status=$?
 if [ "$status" != 0 ]; then
-    echo "conformance: FAILED (pytest status $status); server logs in $work/logs" >&2
+    echo "conformance: FAILED (pytest status $status); server logs in $logs" >&2
 fi
 exit "$status"

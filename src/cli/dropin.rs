@@ -1,0 +1,202 @@
+//! The binary as tcpnetlock 0.1.8's three programs, when invoked under their names (symlinks):
+//! their flags (argparse's unique prefixes included, `--lock` for `--lock-name`), defaults,
+//! environment variables, messages where scripts may look at them, and exit statuses.
+//!
+//! - `tcpnetlock_server [--listen localhost] [--port 7654] [--info|--debug]`: binds the first
+//!   IPv4 address of `--listen`, as 0.1.8 did (it was an AF_INET server); logs to stderr,
+//!   warnings only unless `--info` or `--debug`. Exit 2 when it cannot bind, 3 when it fails
+//!   later.
+//! - `tcpnetlock_client LOCK_NAME [--host] [--port] [--client-id] [--keep-alive]
+//!   [--keep-alive-secs N] [--info|--debug]`: takes the lock and holds it until killed or
+//!   until the connection is lost. Exit 2 connection refused, 3 connection failed, 4 other
+//!   errors (and Ctrl-C, as 0.1.8's KeyboardInterrupt), 122 disconnected while holding, 123 not
+//!   granted.
+//! - `tcpnetlock_do`: `tcpnetlock do` (whose flags and statuses are a superset of 0.1.8's).
+
+use std::ffi::OsString;
+use std::net::ToSocketAddrs;
+use std::time::Duration;
+
+use clap::Parser;
+
+use super::lock::{End, hold, watch_signals};
+use super::run::RunArgs;
+use super::{
+    Cli, EXIT_CLIENT_CONNECT_FAILED, EXIT_CLIENT_REFUSED, EXIT_CLIENT_UNKNOWN, EXIT_LOST,
+    EXIT_NOT_GRANTED, EXIT_SERVER_FAILED, EXIT_USAGE, Fail, ServerAddr, dispatch, parse_secs,
+};
+use crate::client;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tcpnetlock_server",
+    infer_long_args = true,
+    args_override_self = true,
+    about = "tcpnetlock server (0.1.8's command line)"
+)]
+struct ServerArgs {
+    #[arg(long, default_value = "localhost")]
+    listen: String,
+    #[arg(long, default_value_t = client::DEFAULT_PORT)]
+    port: u16,
+    #[arg(long)]
+    info: bool,
+    #[arg(long)]
+    debug: bool,
+}
+
+pub fn server(argv: Vec<OsString>) -> Result<u8, Fail> {
+    let args = ServerArgs::parse_from(argv);
+    let addr = (args.listen.as_str(), args.port)
+        .to_socket_addrs()
+        .map_err(|e| Fail::new(EXIT_USAGE, &format!("cannot resolve {}: {e}", args.listen)))?
+        .find(|a| a.is_ipv4())
+        .ok_or_else(|| Fail::new(EXIT_USAGE, &format!("{} has no IPv4 address", args.listen)))?;
+    let mut server = vec![
+        "tcpnetlock".to_owned(),
+        "server".into(),
+        "--listen".into(),
+        addr.to_string(),
+        "--log".into(),
+        "stderr".into(),
+    ];
+    if args.debug {
+        server.push("-v".into());
+    } else if !args.info {
+        server.push("-q".into());
+    }
+    let cli = Cli::try_parse_from(server).map_err(|e| Fail::new(EXIT_USAGE, &e.to_string()))?;
+    dispatch(cli).map_err(|fail| match fail.code {
+        EXIT_USAGE => fail,
+        _ => Fail {
+            code: EXIT_SERVER_FAILED,
+            ..fail
+        },
+    })
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tcpnetlock_client",
+    infer_long_args = true,
+    args_override_self = true,
+    about = "Take a lock and hold it until killed (0.1.8's command line)"
+)]
+struct ClientArgs {
+    lock_name: String,
+    #[command(flatten)]
+    server: ServerAddr,
+    #[arg(long, env = "TCPNETLOCK_CLIENT_ID")]
+    client_id: Option<String>,
+    #[arg(long)]
+    keep_alive: bool,
+    #[arg(long, default_value = "15", value_parser = parse_secs)]
+    keep_alive_secs: Duration,
+    #[arg(long)]
+    info: bool,
+    #[arg(long)]
+    debug: bool,
+}
+
+pub fn client(argv: Vec<OsString>) -> Result<u8, Fail> {
+    let args = ClientArgs::parse_from(argv);
+    let name = &args.lock_name;
+    let mut client = args.server.client();
+    if let Some(id) = &args.client_id {
+        client = client.client_id(id);
+    }
+    if args.keep_alive {
+        client = client.keepalive(args.keep_alive_secs.max(Duration::from_millis(100)));
+    }
+    let lock = client.lock(name).map_err(|e| {
+        use client::Error as E;
+        match e {
+            E::Refused { .. } => Fail::plain(
+                EXIT_CLIENT_REFUSED,
+                &format!("[Errno {}] Connection refused", libc::ECONNREFUSED),
+            ),
+            E::Connect { source, .. } => {
+                Fail::plain(EXIT_CLIENT_CONNECT_FAILED, &python_error(&source))
+            }
+            E::NotGranted | E::Server(_) => Fail::plain(
+                EXIT_NOT_GRANTED,
+                &format!("ERROR: lock '{name}' not granted by server"),
+            ),
+            e => Fail::plain(EXIT_CLIENT_UNKNOWN, &e.to_string()),
+        }
+    })?;
+    if args.info || args.debug {
+        eprintln!("INFO: lock '{name}' granted; holding it until killed");
+    }
+    // SIGTERM keeps its default (the process ends, the lock with it), as in 0.1.8.
+    let signals = watch_signals(&[libc::SIGINT])?;
+    match hold(&lock, &signals, None) {
+        End::Release => {
+            drop(lock);
+            Err(Fail::silent(EXIT_CLIENT_UNKNOWN))
+        }
+        End::Lost(_) => Err(Fail::plain(
+            EXIT_LOST,
+            &format!(
+                "ERROR: Unexpected disconnection while holding the lock '{name}'. Server was killed?"
+            ),
+        )),
+    }
+}
+
+/// An OS error the way Python prints one: `[Errno 111] Connection refused`.
+fn python_error(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match e.raw_os_error() {
+        Some(code) => {
+            let reason = text
+                .strip_suffix(&format!(" (os error {code})"))
+                .unwrap_or(&text);
+            format!("[Errno {code}] {reason}")
+        }
+        None => text,
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tcpnetlock_do",
+    infer_long_args = true,
+    args_override_self = true,
+    about = "Run a command while holding a lock (tcpnetlock do under 0.1.8's name)"
+)]
+struct DoArgs {
+    #[command(flatten)]
+    args: RunArgs,
+}
+
+pub fn run(argv: Vec<OsString>) -> Result<u8, Fail> {
+    super::run::run(DoArgs::parse_from(argv).args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn definitions_are_consistent() {
+        use clap::CommandFactory;
+        ServerArgs::command().debug_assert();
+        ClientArgs::command().debug_assert();
+        DoArgs::command().debug_assert();
+    }
+
+    #[test]
+    fn errors_read_like_python() {
+        let e = std::io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        assert_eq!(python_error(&e), "[Errno 111] Connection refused");
+    }
+
+    #[test]
+    fn prefixes_work_as_in_argparse() {
+        let a = DoArgs::try_parse_from(["tcpnetlock_do", "--lock", "x", "--keep-alive", "true"])
+            .unwrap();
+        assert!(format!("{a:?}").contains("lock_name: Some(\"x\")"));
+        assert!(format!("{a:?}").contains("keep_alive: true"));
+    }
+}

@@ -1,0 +1,283 @@
+//! The command `do` runs under the lock: its own process group, and a guardian that ends the
+//! group if `do` dies.
+//!
+//! `do` forks a small *guardian* (no exec: the forked copy of `do` itself), which becomes the
+//! leader of a new process group and forks the command into that group. The guardian:
+//!
+//! - asks the kernel for a signal when `do` dies (`PR_SET_PDEATHSIG`; the fork is made from
+//!   `do`'s main thread, which lives as long as `do`, because the signal follows the death of
+//!   the forking *thread*). If `do` is killed, even with SIGKILL, the lock is gone with its
+//!   connection; the guardian then sends SIGTERM to the whole group and SIGKILL after the grace
+//!   period, so a pipeline or a `make -j` does not run on unprotected. A parent-death signal
+//!   on the command alone would miss its children: the setting is not inherited across fork;
+//! - waits for the command and exits the way it did (same status, or killed by the same
+//!   signal), so `do` sees the command's status;
+//! - blocks every signal: signals `do` forwards to the group reach the command, not the guardian.
+//!
+//! The guardian runs between fork and exec of a multi-threaded program, so it only makes
+//! async-signal-safe system calls: no allocation, no locks, no std I/O.
+//!
+//! When `do` runs in the foreground of a terminal, the command's group is made the terminal's
+//! foreground group, so that the command can read the terminal and Ctrl-C reaches it directly.
+
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::Duration;
+
+use libc::{c_int, pid_t};
+
+use super::signals::sigset;
+
+/// The guardian's parent-death signal. It is blocked and waited for, never delivered; a USR2
+/// sent to the group by someone else is told apart by checking the parent.
+const ORPHAN_SIGNAL: c_int = libc::SIGUSR2;
+
+/// The command's process group, led by the guardian.
+#[derive(Debug)]
+pub struct Group {
+    /// The guardian's pid, which is also the group id.
+    pid: pid_t,
+    /// The group was given the terminal; it is taken back when the group ends.
+    tty: bool,
+    reaped: bool,
+}
+
+/// How the guardian behaves.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// When `do` dies: SIGTERM the group, SIGKILL it after `grace`. When false, the command
+    /// runs on (`--on-lost ignore`).
+    pub terminate_orphaned: bool,
+    pub grace: Duration,
+}
+
+impl Group {
+    /// Starts `cmd` in a new process group under a guardian. `cmd`'s stdio is inherited.
+    pub fn spawn(cmd: &mut Command, options: Options) -> io::Result<Group> {
+        // SAFETY: getpid cannot fail. An ignored SIGCHLD (inherited across exec from whoever
+        // started us) would make the kernel reap children itself and wait() fail.
+        let parent = unsafe {
+            libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+            libc::getpid()
+        };
+        let tty = in_terminal_foreground();
+        cmd.process_group(0);
+        // SAFETY: the closure only makes async-signal-safe calls (see `split`).
+        unsafe {
+            cmd.pre_exec(move || split(parent, tty, options));
+        }
+        let child = cmd.spawn()?;
+        Ok(Group {
+            pid: child.id() as pid_t,
+            tty,
+            reaped: false,
+        })
+    }
+
+    /// Sends `signal` to every process of the group (the guardian ignores it).
+    pub fn signal(&self, signal: c_int) {
+        if !self.reaped {
+            // SAFETY: plain system call; a group already gone gives ESRCH, which is fine.
+            unsafe { libc::kill(-self.pid, signal) };
+        }
+    }
+
+    /// The command's exit status if it has ended (128+N when killed by signal N). With `sweep`,
+    /// whatever is left in the group is killed first (it runs without the lock).
+    pub fn try_wait(&mut self, sweep: bool) -> io::Result<Option<u8>> {
+        if self.reaped {
+            return Ok(None);
+        }
+        // SAFETY: siginfo_t is plain data filled by waitid. WNOWAIT leaves the guardian
+        // unreaped, so its pid (the group id) cannot be reused before the sweep.
+        unsafe {
+            let mut info = std::mem::zeroed::<libc::siginfo_t>();
+            let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+            if libc::waitid(libc::P_PID, self.pid as libc::id_t, &mut info, flags) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if info.si_pid() == 0 {
+                return Ok(None);
+            }
+            if sweep {
+                libc::kill(-self.pid, libc::SIGKILL);
+            }
+            let mut status = 0;
+            libc::waitpid(self.pid, &mut status, 0);
+            self.reaped = true;
+            self.take_back_tty();
+            Ok(Some(exit_code(status)))
+        }
+    }
+
+    fn take_back_tty(&mut self) {
+        if std::mem::replace(&mut self.tty, false) {
+            // SAFETY: SIGTTOU is blocked around tcsetpgrp, as a shell does: from a background
+            // group the call would otherwise stop us.
+            unsafe {
+                let ttou = sigset(&[libc::SIGTTOU]);
+                let mut old = std::mem::zeroed::<libc::sigset_t>();
+                libc::pthread_sigmask(libc::SIG_BLOCK, &ttou, &mut old);
+                libc::tcsetpgrp(0, libc::getpgrp());
+                libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            }
+        }
+    }
+}
+
+impl Drop for Group {
+    /// `do` is leaving without having seen the command end: it must not outlive the lock.
+    fn drop(&mut self) {
+        if !self.reaped {
+            self.signal(libc::SIGKILL);
+            self.take_back_tty();
+        }
+    }
+}
+
+/// A wait status as a shell reports it.
+fn exit_code(status: c_int) -> u8 {
+    if libc::WIFSIGNALED(status) {
+        super::EXIT_SIGNAL_BASE.saturating_add(libc::WTERMSIG(status) as u8)
+    } else {
+        libc::WEXITSTATUS(status) as u8
+    }
+}
+
+/// Stdin is a terminal whose foreground group is ours: the command should get the terminal.
+fn in_terminal_foreground() -> bool {
+    // SAFETY: plain system calls on fd 0.
+    unsafe { libc::isatty(0) == 1 && libc::tcgetpgrp(0) == libc::getpgrp() }
+}
+
+/// Runs in the forked child, which std has already made a group leader. Becomes the guardian
+/// and forks again; returns (to go on to exec) only in the command's process.
+fn split(parent: pid_t, tty: bool, options: Options) -> io::Result<()> {
+    // SAFETY: only async-signal-safe system calls, on values owned by this frame.
+    unsafe {
+        let all = {
+            let mut set = std::mem::zeroed::<libc::sigset_t>();
+            libc::sigfillset(&mut set);
+            set
+        };
+        libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+        if libc::prctl(libc::PR_SET_PDEATHSIG, ORPHAN_SIGNAL as libc::c_ulong) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::getppid() != parent {
+            // `do` died before the signal was armed; its lock is gone.
+            libc::_exit(1);
+        }
+        if tty {
+            libc::tcsetpgrp(0, libc::getpid());
+        }
+        // What `ps -o comm` and `top` call it; its arguments still read as `do`'s.
+        libc::prctl(libc::PR_SET_NAME, c"tnl-guardian".as_ptr() as libc::c_ulong);
+        let guardian = libc::getpid();
+        match libc::fork() {
+            -1 => Err(io::Error::last_os_error()),
+            0 => {
+                // The command. The guardian dies before it only if killed with SIGKILL.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+                if libc::getppid() != guardian {
+                    libc::_exit(1);
+                }
+                // std no longer resets the mask for exec; the command starts with none blocked.
+                let none = sigset(&[]);
+                libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+                Ok(())
+            }
+            command => guard(command, parent, options),
+        }
+    }
+}
+
+/// The guardian's life: wait for the command, and end the group if `do` dies.
+///
+/// # Safety
+/// Must run in a freshly forked child with every signal blocked.
+unsafe fn guard(command: pid_t, parent: pid_t, options: Options) -> ! {
+    // SAFETY (whole body): async-signal-safe system calls only.
+    unsafe {
+        // Nothing of `do`'s may stay open here: not the pipe through which std learns that exec
+        // succeeded, not the lock's socket, not a pipe someone reads `do`'s output from.
+        close_all_fds();
+        let set = sigset(&[libc::SIGCHLD, ORPHAN_SIGNAL]);
+        let mut orphaned = false;
+        let mut kill_at: Option<Duration> = None;
+        loop {
+            match kill_at {
+                None => {
+                    libc::sigwaitinfo(&set, std::ptr::null_mut());
+                }
+                Some(at) => {
+                    let now = monotonic();
+                    if now >= at {
+                        libc::kill(0, libc::SIGKILL); // the whole group, the guardian with it
+                    }
+                    let left = at.saturating_sub(now);
+                    let ts = libc::timespec {
+                        tv_sec: left.as_secs() as _,
+                        tv_nsec: left.subsec_nanos() as libc::c_long,
+                    };
+                    libc::sigtimedwait(&set, std::ptr::null_mut(), &ts);
+                }
+            }
+            if !orphaned && libc::getppid() != parent {
+                orphaned = true;
+                if options.terminate_orphaned {
+                    libc::kill(0, libc::SIGTERM);
+                    kill_at = Some(monotonic() + options.grace);
+                }
+            }
+            let mut status = 0;
+            if libc::waitpid(command, &mut status, libc::WNOHANG) == command {
+                if orphaned && options.terminate_orphaned {
+                    libc::kill(0, libc::SIGKILL); // what the command left behind
+                }
+                exit_like(status);
+            }
+        }
+    }
+}
+
+/// Exits with the command's status, or dies of the signal that killed it.
+unsafe fn exit_like(status: c_int) -> ! {
+    // SAFETY: async-signal-safe system calls only.
+    unsafe {
+        if libc::WIFSIGNALED(status) {
+            let signal = libc::WTERMSIG(status);
+            // The command may have dumped core; a second core from the guardian helps nobody.
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &none);
+            libc::signal(signal, libc::SIG_DFL);
+            let one = sigset(&[signal]);
+            libc::sigprocmask(libc::SIG_UNBLOCK, &one, std::ptr::null_mut());
+            libc::kill(libc::getpid(), signal);
+            libc::_exit(128 + signal);
+        }
+        libc::_exit(libc::WEXITSTATUS(status))
+    }
+}
+
+unsafe fn close_all_fds() {
+    // SAFETY: close_range and close are async-signal-safe system calls.
+    unsafe {
+        if libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) != 0 {
+            for fd in 0..4096 {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
+fn monotonic() -> Duration {
+    // SAFETY: clock_gettime fills the timespec we own.
+    let mut ts = unsafe { std::mem::zeroed::<libc::timespec>() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}

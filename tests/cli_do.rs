@@ -1,0 +1,683 @@
+//! `tcpnetlock do` against the real server: exit statuses, the command's environment, waiting
+//! and retrying, signals into the command's process group, a lock lost while the command runs,
+//! and `do` itself killed.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{
+    BIN, Client, Running, Server, TempDir, alive, await_file, children, free_port, group_members,
+    run_within, signal, try_lock, wait_until,
+};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// `tcpnetlock do --host 127.0.0.1 --port PORT ARGS...`, with none of the test's own
+/// TCPNETLOCK_* variables.
+fn tnl_do(port: u16, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["do", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(args);
+    for var in [
+        "TCPNETLOCK_HOST",
+        "TCPNETLOCK_PORT",
+        "TCPNETLOCK_CLIENT_ID",
+        "TCPNETLOCK_TOKEN",
+        "TCPNETLOCK_LOCK_NAME",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+fn run(s: &Server, args: &[&str]) -> (i32, String, String) {
+    run_within(&mut tnl_do(s.addr.port(), args), LIMIT)
+}
+
+/// The lock is free: a fresh client gets it (and lets it go).
+fn is_free(s: &Server, name: &str) -> bool {
+    common::is_free(s.addr, name)
+}
+
+/// Starts `do` on the shell command `then`, and waits until it has run up to `$READY` (where it
+/// touches the marker file; at the start if it does not say).
+fn start_marked(s: &Server, dir: &TempDir, do_args: &[&str], then: &str) -> (Running, String) {
+    let ready = dir.path.join("ready");
+    let touch = format!("touch {}", ready.display());
+    let script = if then.contains("$READY") {
+        then.replace("$READY", &touch)
+    } else {
+        format!("{touch}; {then}")
+    };
+    let mut args = do_args.to_vec();
+    args.extend(["--", "sh", "-c", &script]);
+    let mut cmd = tnl_do(s.addr.port(), &args);
+    cmd.stdin(Stdio::null());
+    let running = Running::spawn(&mut cmd);
+    await_file(&ready);
+    (running, ready.display().to_string())
+}
+
+/// The guardian `do` started: its only child, leader of the command's process group.
+fn guardian_of(do_pid: i32) -> i32 {
+    let mut found = Vec::new();
+    wait_until(Duration::from_secs(5), || {
+        found = children(do_pid);
+        found.len() == 1
+    });
+    assert_eq!(found.len(), 1, "children of do: {found:?}");
+    found[0]
+}
+
+/// Kills a process group when the test ends, passed or failed: with `--on-lost ignore` nothing
+/// else ends a command whose `do` is gone.
+struct KillGroup(i32);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        // SAFETY: plain system call; ESRCH when the group is already gone.
+        unsafe { libc::kill(-self.0, libc::SIGKILL) };
+    }
+}
+
+fn comms(group: i32) -> Vec<String> {
+    let mut names: Vec<String> = group_members(group).into_iter().map(|m| m.1).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn exits_with_the_command_status_and_releases_first() {
+    let s = Server::start(&[]);
+    assert_eq!(run(&s, &["--lock-name", "st", "--", "true"]).0, 0);
+    assert_eq!(
+        run(&s, &["--lock-name", "st", "--", "sh", "-c", "exit 5"]).0,
+        5
+    );
+    let (code, out, err) = run(&s, &["--lock-name", "st", "--", "echo", "hello"]);
+    assert_eq!((code, out.as_str(), err.as_str()), (0, "hello\n", ""));
+    // Back to back: each `do` has released before it exits, so none is refused.
+    for _ in 0..20 {
+        assert_eq!(run(&s, &["--lock-name", "st", "--", "true"]).0, 0);
+    }
+    assert!(is_free(&s, "st"));
+    assert_eq!(s.stat("lock_not_acquired_count"), 0.0);
+}
+
+#[test]
+fn stdin_and_stdout_pass_through() {
+    let s = Server::start(&[]);
+    let mut cmd = tnl_do(
+        s.addr.port(),
+        &["--lock-name", "io", "--", "tr", "a-z", "A-Z"],
+    );
+    cmd.stdin(Stdio::piped());
+    let mut running = Running::spawn(&mut cmd);
+    running
+        .child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"shout\n")
+        .unwrap();
+    assert_eq!(running.finish(LIMIT), (0, "SHOUT\n".into(), String::new()));
+}
+
+#[test]
+fn not_granted_is_123_quietly_or_the_conflict_exit_code() {
+    let s = Server::start(&[]);
+    let (_holder, reply) = try_lock(s.addr, "busy");
+    assert_eq!(reply, "ok");
+    let start = Instant::now();
+    assert_eq!(
+        run(&s, &["--lock-name", "busy", "--", "echo", "ran"]),
+        (123, String::new(), String::new())
+    );
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        run(&s, &["-E", "9", "--lock-name", "busy", "--", "true"]).0,
+        9
+    );
+    assert_eq!(
+        run(
+            &s,
+            &[
+                "--conflict-exit-code",
+                "0",
+                "--lock-name",
+                "busy",
+                "--",
+                "true"
+            ]
+        )
+        .0,
+        0
+    );
+    let (code, _, err) = run(&s, &["-v", "--lock-name", "busy", "--", "true"]);
+    assert_eq!(code, 123);
+    assert!(err.contains("lock busy: not granted"), "{err}");
+}
+
+#[test]
+fn command_not_found_is_127_and_not_runnable_is_124() {
+    let s = Server::start(&[]);
+    let (code, _, err) = run(&s, &["--", "/no/such/program", "1"]);
+    assert_eq!(code, 127);
+    assert!(
+        err.contains("command not found: '/no/such/program'"),
+        "{err}"
+    );
+    assert_eq!(run(&s, &["--", "no-such-program-on-path"]).0, 127);
+
+    let dir = TempDir::new("do-noexec");
+    let file = dir.path.join("not-executable");
+    std::fs::write(&file, "#!/bin/sh\n").unwrap();
+    let (code, _, err) = run(&s, &["--lock-name", "x", "--", file.to_str().unwrap()]);
+    assert_eq!(code, 124);
+    assert!(err.contains("Permission denied"), "{err}");
+    // The lock was let go in both cases.
+    assert!(is_free(&s, "x"));
+    assert!(is_free(&s, "no_such_program_1"));
+}
+
+#[test]
+fn unreachable_server_is_125() {
+    let port = free_port();
+    let (code, _, err) = run_within(&mut tnl_do(port, &["--", "echo", "ran"]), LIMIT);
+    assert_eq!(code, 125);
+    assert!(err.contains("connection refused"), "{err}");
+    let mut cmd2 = Command::new(BIN);
+    cmd2.args(["do", "--host", "no-such-host.invalid", "--", "true"]);
+    let (code, _, err) = run_within(&mut cmd2, LIMIT);
+    assert_eq!(code, 125, "{err}");
+    assert!(
+        err.contains("cannot connect to no-such-host.invalid:7654"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_options_are_2() {
+    let s = Server::start(&[]);
+    let cases: [&[&str]; 9] = [
+        &["--shell", "--", "vmstat", "other-arg"],
+        &[],
+        &["--wait", "-1", "--", "true"],
+        &["--wait", "604801", "--", "true"],
+        &["--on-lost", "sometimes", "--", "true"],
+        &["--no-such-flag", "--", "true"],
+        &["--lock-name", "a b", "--", "true"],
+        &["--client-id", "a b", "--", "true"],
+        &["--", "é"], // no lock name can be made from it
+    ];
+    for args in cases {
+        let (code, out, err) = run(&s, args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(out.is_empty() && !err.is_empty(), "{args:?}");
+    }
+    let mut cmd = Command::new(BIN);
+    cmd.args(["do", "--port", "x", "--", "true"]);
+    assert_eq!(run_within(&mut cmd, LIMIT).0, 2);
+    let mut cmd = Command::new(BIN);
+    cmd.args(["do", "--", "true"]).env("TCPNETLOCK_PORT", "x");
+    assert_eq!(run_within(&mut cmd, LIMIT).0, 2);
+}
+
+#[test]
+fn the_command_sees_the_lock_name_and_token() {
+    let s = Server::start(&[]);
+    let show = "echo name=$TCPNETLOCK_LOCK_NAME token=${TCPNETLOCK_TOKEN-unset}";
+    let (code, out, _) = run(&s, &["--", "sh", "-c", show]);
+    assert_eq!(code, 0);
+    // 0.1.8's name for this command.
+    assert_eq!(
+        out,
+        "name=sh_-c_echo_nameTCPNETLOCK_LOCK_NAME_tokenTCPNETLOCK_TOKEN-unset token=unset\n"
+    );
+    let (_, out, _) = run(
+        &s,
+        &["--", "sh", "-c", "echo $TCPNETLOCK_LOCK_NAME", "./x.y/z"],
+    );
+    assert_eq!(out, "sh_-c_echo_TCPNETLOCK_LOCK_NAME___x_y_z\n");
+
+    let mut cmd = tnl_do(
+        s.addr.port(),
+        &["--fencing", "--lock-name", "f", "--", "sh", "-c", show],
+    );
+    cmd.env("TCPNETLOCK_TOKEN", "stale");
+    let (_, out, _) = run_within(&mut cmd, LIMIT);
+    let token: u64 = out
+        .trim()
+        .strip_prefix("name=f token=")
+        .unwrap_or_else(|| panic!("{out}"))
+        .parse()
+        .unwrap();
+    let mut c = Client::connect(s.addr);
+    let next: u64 = c.ask("lock,name:f,fencing:1")[9..].parse().unwrap();
+    assert!(next > token);
+    // Without --fencing an inherited token is not passed on.
+    let mut cmd = tnl_do(s.addr.port(), &["--lock-name", "g", "--", "sh", "-c", show]);
+    cmd.env("TCPNETLOCK_TOKEN", "stale");
+    assert_eq!(run_within(&mut cmd, LIMIT).1, "name=g token=unset\n");
+}
+
+#[test]
+fn host_port_and_client_id_come_from_the_environment() {
+    let s = Server::start(&[]);
+    let dir = TempDir::new("do-env");
+    let ready = dir.path.join("ready");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["do", "--lock-name", "envy", "--", "sh", "-c"])
+        .arg(format!("touch {}; sleep 100", ready.display()))
+        .env("TCPNETLOCK_HOST", "127.0.0.1")
+        .env("TCPNETLOCK_PORT", s.addr.port().to_string())
+        .env("TCPNETLOCK_CLIENT_ID", "ci-job.7@host");
+    let running = Running::spawn(&mut cmd);
+    await_file(&ready);
+    let mut c = Client::connect(s.addr);
+    let locks = c.ask(".locks");
+    assert!(
+        locks.contains("\"envy\"") && locks.contains("\"client_id\": \"ci-job.7@host\""),
+        "{locks}"
+    );
+    drop(running);
+
+    let mut cmd = Command::new(BIN);
+    cmd.args(["do", "--", "true"])
+        .env("TCPNETLOCK_HOST", "127.0.0.1")
+        .env("TCPNETLOCK_PORT", free_port().to_string());
+    assert_eq!(run_within(&mut cmd, LIMIT).0, 125);
+}
+
+#[test]
+fn wait_queues_for_the_lock() {
+    let s = Server::start(&[]);
+    let (mut holder, _) = try_lock(s.addr, "q");
+    let mut waiting = Running::spawn(&mut tnl_do(
+        s.addr.port(),
+        &["-w", "10", "--lock-name", "q", "--", "echo", "got it"],
+    ));
+    assert!(wait_until(LIMIT, || s.stat("waiting") == 1.0).is_some());
+    assert_eq!(holder.ask("release"), "released");
+    assert_eq!(waiting.finish(LIMIT).0, 0);
+    assert_eq!(waiting.stdout(), "got it\n");
+
+    let (_holder, _) = try_lock(s.addr, "q");
+    let start = Instant::now();
+    assert_eq!(
+        run(&s, &["--wait", "0.3", "--lock-name", "q", "--", "true"]).0,
+        123
+    );
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(290) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn retry_asks_again_after_retry_wait() {
+    let s = Server::start(&[]);
+    let (mut holder, _) = try_lock(s.addr, "r");
+    let start = Instant::now();
+    let args = [
+        "--retry",
+        "2",
+        "--retry-wait",
+        "0.2",
+        "--lock-name",
+        "r",
+        "--",
+        "true",
+    ];
+    assert_eq!(run(&s, &args).0, 123);
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(390) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_eq!(s.stat("lock_not_acquired_count"), 3.0);
+
+    // Released between two attempts: the retry gets it.
+    let mut retrying = Running::spawn(&mut tnl_do(
+        s.addr.port(),
+        &[
+            "--retry",
+            "5",
+            "--retry-wait",
+            "0.2",
+            "--lock-name",
+            "r",
+            "--",
+            "true",
+        ],
+    ));
+    assert!(wait_until(LIMIT, || s.stat("lock_not_acquired_count") >= 4.0).is_some());
+    assert_eq!(holder.ask("release"), "released");
+    assert_eq!(retrying.finish(LIMIT).0, 0);
+}
+
+#[test]
+fn signals_are_passed_to_the_command_and_the_status_is_128_plus_n() {
+    let s = Server::start(&[]);
+    for (sig, name) in [
+        (libc::SIGINT, "INT"),
+        (libc::SIGTERM, "TERM"),
+        (libc::SIGHUP, "HUP"),
+        (libc::SIGQUIT, "QUIT"),
+    ] {
+        let dir = TempDir::new("do-sig");
+        let lock = format!("sig-{name}");
+        let (mut running, _) = start_marked(&s, &dir, &["--lock-name", &lock], "exec sleep 100");
+        signal(running.pid(), sig);
+        let (code, _, err) = running.finish(LIMIT);
+        assert_eq!(code, 128 + sig, "SIG{name}: {err}");
+        assert!(is_free(&s, &lock), "SIG{name}");
+    }
+}
+
+#[test]
+fn a_forwarded_signal_reaches_the_command_s_handler() {
+    let s = Server::start(&[]);
+    let dir = TempDir::new("do-trap");
+    let (mut running, _) = start_marked(
+        &s,
+        &dir,
+        &["--lock-name", "trap"],
+        "trap 'echo got TERM; exit 7' TERM; sleep 100 & $READY; wait",
+    );
+    let guardian = guardian_of(running.pid());
+    signal(running.pid(), libc::SIGTERM);
+    let (code, out, _) = running.finish(LIMIT);
+    assert_eq!((code, out.as_str()), (7, "got TERM\n"));
+    // The background `sleep` is in the group: it got the SIGTERM too.
+    assert!(wait_until(LIMIT, || group_members(guardian).is_empty()).is_some());
+}
+
+#[test]
+fn a_shell_pipeline_runs_in_one_group_and_all_of_it_gets_the_signal() {
+    let s = Server::start(&[]);
+    let mut running = Running::spawn(&mut tnl_do(
+        s.addr.port(),
+        &["--shell", "--lock-name", "pipe", "--", "sleep 100 | cat"],
+    ));
+    let guardian = guardian_of(running.pid());
+    let mut members = Vec::new();
+    wait_until(LIMIT, || {
+        members = comms(guardian);
+        members.contains(&"sleep".into()) && members.contains(&"cat".into())
+    });
+    assert_eq!(members, ["cat", "sh", "sleep", "tnl-guardian"]);
+    // `do` is not in that group: a signal for the group is not one for `do`.
+    assert!(group_members(guardian).iter().all(|m| m.0 != running.pid()));
+    signal(running.pid(), libc::SIGTERM);
+    assert_eq!(running.finish(LIMIT).0, 128 + libc::SIGTERM);
+    assert!(wait_until(LIMIT, || group_members(guardian).is_empty()).is_some());
+    assert!(is_free(&s, "pipe"));
+}
+
+#[test]
+fn kill_9_of_do_ends_the_command_and_frees_the_lock() {
+    let s = Server::start(&[]);
+    for command in ["exec sleep 100", "sleep 100 | cat"] {
+        let dir = TempDir::new("do-kill9");
+        let (mut running, _) = start_marked(&s, &dir, &["--lock-name", "k9"], command);
+        let guardian = guardian_of(running.pid());
+        let sleeping = || group_members(guardian).iter().any(|m| m.1 == "sleep");
+        assert!(wait_until(LIMIT, sleeping).is_some(), "{command}");
+        signal(running.pid(), libc::SIGKILL);
+        running.wait_within(LIMIT);
+        // SIGTERM to the group at once; `sleep` obeys it.
+        let gone = wait_until(LIMIT, || group_members(guardian).is_empty());
+        assert!(
+            gone.is_some_and(|t| t < Duration::from_secs(5)),
+            "{command}: {gone:?}"
+        );
+        assert!(wait_until(LIMIT, || is_free(&s, "k9")).is_some());
+    }
+}
+
+#[test]
+fn kill_9_of_do_with_on_lost_ignore_leaves_the_command_running() {
+    let s = Server::start(&[]);
+    let dir = TempDir::new("do-kill9-ignore");
+    let (mut running, _) = start_marked(
+        &s,
+        &dir,
+        &["--on-lost", "ignore", "--lock-name", "k9i"],
+        "exec sleep 100",
+    );
+    let guardian = guardian_of(running.pid());
+    let _cleanup = KillGroup(guardian);
+    let mut sleep = None;
+    wait_until(LIMIT, || {
+        sleep = group_members(guardian).into_iter().find(|m| m.1 == "sleep");
+        sleep.is_some()
+    });
+    let sleep = sleep.expect("sleep never started").0;
+    signal(running.pid(), libc::SIGKILL);
+    running.wait_within(LIMIT);
+    assert!(wait_until(LIMIT, || is_free(&s, "k9i")).is_some());
+    assert!(alive(sleep), "ignore means the command runs on");
+}
+
+#[test]
+fn lost_lock_terminates_the_command_with_122() {
+    let s = Server::start(&[]);
+    let dir = TempDir::new("do-lost");
+    let (mut running, _) = start_marked(&s, &dir, &["--lock-name", "lost"], "exec sleep 100");
+    let guardian = guardian_of(running.pid());
+    let start = Instant::now();
+    drop(s); // the server goes away: the lock with it
+    let (code, _, err) = running.finish(LIMIT);
+    assert_eq!(code, 122, "{err}");
+    assert!(start.elapsed() < Duration::from_secs(3));
+    assert!(
+        err.contains("lock lost lost: the server closed the connection")
+            && err.contains("terminating the command"),
+        "{err}"
+    );
+    assert!(group_members(guardian).is_empty());
+}
+
+#[test]
+fn a_command_that_ignores_sigterm_is_killed_after_the_grace_period() {
+    let s = Server::start(&[]);
+    let dir = TempDir::new("do-grace");
+    let (mut running, _) = start_marked(
+        &s,
+        &dir,
+        &["--grace", "0.5", "--lock-name", "stubborn"],
+        "trap '' TERM; sleep 100 & $READY; wait",
+    );
+    let guardian = guardian_of(running.pid());
+    let start = Instant::now();
+    drop(s);
+    assert_eq!(running.finish(LIMIT).0, 122);
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(490) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    // The background sleep (which ignores TERM too) went with the sweep.
+    assert!(group_members(guardian).is_empty());
+}
+
+#[test]
+fn lost_lock_with_on_lost_ignore_warns_and_lets_the_command_finish() {
+    let s = Server::start(&[]);
+    let dir = TempDir::new("do-ignore");
+    let go = dir.path.join("go");
+    let (mut running, _) = start_marked(
+        &s,
+        &dir,
+        &["--on-lost", "ignore", "--lock-name", "ign"],
+        &format!(
+            "while [ ! -e {} ]; do sleep 0.02; done; exit 3",
+            go.display()
+        ),
+    );
+    let _cleanup = KillGroup(guardian_of(running.pid()));
+    drop(s);
+    let warned = wait_until(LIMIT, || {
+        running.stderr().contains("warning: lock ign lost")
+    });
+    assert!(warned.is_some(), "{}", running.stderr());
+    std::fs::write(&go, "").unwrap();
+    let (code, _, err) = running.finish(LIMIT);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("the command keeps running"), "{err}");
+}
+
+#[test]
+fn a_lease_is_renewed_while_the_command_runs() {
+    let s = Server::start(&[]);
+    let start = Instant::now();
+    let (code, _, err) = run(
+        &s,
+        &["--ttl", "0.3", "--lock-name", "lease", "--", "sleep", "1.2"],
+    );
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert!(start.elapsed() >= Duration::from_millis(1200));
+    assert_eq!(s.stat("lease_expired_count"), 0.0);
+    assert!(is_free(&s, "lease"));
+}
+
+/// A stand-in server for one connection: returns its address and a thread that runs `script`
+/// with the request line already read.
+fn fake_server(
+    script: impl FnOnce(String, &mut BufReader<std::net::TcpStream>) + Send + 'static,
+) -> (SocketAddr, thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        script(line.trim_end().to_owned(), &mut reader);
+    });
+    (addr, handle)
+}
+
+#[test]
+fn an_expired_lease_terminates_the_command() {
+    let dir = TempDir::new("do-expired");
+    let ready = dir.path.join("ready");
+    let ready2 = ready.clone();
+    let (addr, server) = fake_server(move |request, reader| {
+        assert_eq!(request, "lock,name:ex,ttl:30");
+        reader.get_mut().write_all(b"ok\n").unwrap();
+        await_file(&ready2);
+        reader.get_mut().write_all(b"expired\n").unwrap();
+    });
+    let mut cmd = tnl_do(
+        addr.port(),
+        &["--ttl", "30", "--lock-name", "ex", "--", "sh", "-c"],
+    );
+    cmd.arg(format!("touch {}; exec sleep 100", ready.display()));
+    let (code, _, err) = run_within(&mut cmd, LIMIT);
+    assert_eq!(code, 122, "{err}");
+    assert!(err.contains("lock ex lost: the lease expired"), "{err}");
+    server.join().unwrap();
+}
+
+#[test]
+fn requests_are_0_1_8_lines_and_keep_alive_sends_keepalives() {
+    let (addr, server) = fake_server(|request, reader| {
+        assert_eq!(request, "lock,name:ka,client-id:me");
+        reader.get_mut().write_all(b"ok\n").unwrap();
+        let mut keepalives = 0;
+        loop {
+            let mut line = String::new();
+            assert!(
+                reader.read_line(&mut line).unwrap() > 0,
+                "closed before release"
+            );
+            match line.trim_end() {
+                ".keepalive" => {
+                    keepalives += 1;
+                    reader.get_mut().write_all(b"alive\n").unwrap();
+                }
+                "release" => {
+                    reader.get_mut().write_all(b"released\n").unwrap();
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // 0.55 s at one every 0.1 s: about 5; slack for a busy machine.
+        assert!((2..=6).contains(&keepalives), "{keepalives} keepalives");
+    });
+    let args = [
+        "--client-id",
+        "me",
+        "--keep-alive",
+        "--keep-alive-secs",
+        "0.1",
+        "--lock-name",
+        "ka",
+        "--",
+        "sleep",
+        "0.55",
+    ];
+    let (code, _, err) = run_within(&mut tnl_do(addr.port(), &args), LIMIT);
+    assert_eq!((code, err.as_str()), (0, ""));
+    server.join().unwrap();
+}
+
+#[test]
+fn a_server_error_line_is_not_granted() {
+    let (addr, server) = fake_server(|_, reader| {
+        reader.get_mut().write_all(b"err,server busy\n").unwrap();
+    });
+    let (code, _, err) = run_within(&mut tnl_do(addr.port(), &["--", "true"]), LIMIT);
+    assert_eq!(code, 123);
+    assert!(err.contains("server busy"), "{err}");
+    server.join().unwrap();
+}
+
+#[test]
+fn on_a_terminal_the_command_gets_the_foreground() {
+    let script = common::require_tool("script", "bsdutils");
+    let s = Server::start(&[]);
+    // `read` from a background process group would be stopped by SIGTTIN and hang.
+    let inner = format!(
+        "{BIN} do --host 127.0.0.1 --port {} --lock-name tty -- sh -c 'read x; echo got:$x'",
+        s.addr.port()
+    );
+    let mut cmd = Command::new(script);
+    cmd.args(["-qec", &inner, "/dev/null"])
+        .stdin(Stdio::piped());
+    let mut running = Running::spawn(&mut cmd);
+    running
+        .child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"typed\n")
+        .unwrap();
+    let (code, out, _) = running.finish(LIMIT);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("got:typed"), "{out:?}");
+}
+
+#[test]
+fn verbose_says_what_happens() {
+    let s = Server::start(&[]);
+    let (code, _, err) = run(&s, &["-v", "--fencing", "--", "true"]);
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    assert_eq!(
+        lines[0],
+        "tcpnetlock: lock name true (made from the command)"
+    );
+    assert!(lines[1].starts_with("tcpnetlock: lock true granted (token "));
+    assert_eq!(lines[2], "tcpnetlock: lock true released");
+}

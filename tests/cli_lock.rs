@@ -1,0 +1,213 @@
+//! `tcpnetlock lock NAME` against the real server: the grant line, holding until stdin ends or a
+//! signal, losing the lock, and the `coproc` recipe from the README.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{BIN, Running, Server, free_port, run_within, signal, try_lock, wait_until};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn tnl_lock(port: u16, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["lock", "--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(args)
+        .env_remove("TCPNETLOCK_CLIENT_ID");
+    cmd
+}
+
+/// Starts `lock` with stdin a pipe we hold, and waits for its first line.
+fn hold(s: &Server, args: &[&str]) -> Running {
+    let mut cmd = tnl_lock(s.addr.port(), args);
+    cmd.stdin(Stdio::piped());
+    let running = Running::spawn(&mut cmd);
+    let said = wait_until(LIMIT, || running.stdout().ends_with('\n'));
+    assert!(said.is_some(), "no line; stderr: {}", running.stderr());
+    running
+}
+
+fn held(s: &Server, name: &str) -> bool {
+    !common::is_free(s.addr, name)
+}
+
+#[test]
+fn prints_ok_and_holds_until_stdin_ends() {
+    let s = Server::start(&[]);
+    let mut running = hold(&s, &["cache"]);
+    assert_eq!(running.stdout(), "ok\n");
+    assert!(held(&s, "cache"));
+    // Whatever is written to stdin is read and dropped; only its end counts.
+    use std::io::Write;
+    let mut stdin = running.child.stdin.take().unwrap();
+    stdin.write_all(b"anything\n").unwrap();
+    assert!(held(&s, "cache"));
+    drop(stdin);
+    assert_eq!(running.finish(LIMIT), (0, "ok\n".into(), String::new()));
+    // `released` was read before the exit: free at once.
+    assert!(!held(&s, "cache"));
+}
+
+#[test]
+fn fencing_puts_the_token_on_the_line() {
+    let s = Server::start(&[]);
+    let running = hold(&s, &["--fencing", "f"]);
+    let line = running.stdout();
+    let token: u64 = line
+        .trim()
+        .strip_prefix("ok,token:")
+        .unwrap_or_else(|| panic!("{line}"))
+        .parse()
+        .unwrap();
+    assert!(token > 0);
+}
+
+#[test]
+fn term_int_and_hup_release_and_exit_0() {
+    let s = Server::start(&[]);
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        let mut running = hold(&s, &["sig"]);
+        assert!(held(&s, "sig"));
+        signal(running.pid(), sig);
+        assert_eq!(running.finish(LIMIT).0, 0, "signal {sig}");
+        assert!(!held(&s, "sig"), "signal {sig}");
+    }
+}
+
+#[test]
+fn not_granted_prints_not_granted_and_exits_123() {
+    let s = Server::start(&[]);
+    let (_holder, _) = try_lock(s.addr, "taken");
+    let (code, out, err) = run_within(&mut tnl_lock(s.addr.port(), &["taken"]), LIMIT);
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (123, "not-granted\n", "")
+    );
+}
+
+#[test]
+fn wait_queues_until_the_holder_releases() {
+    let s = Server::start(&[]);
+    let (mut holder, _) = try_lock(s.addr, "w");
+    let mut cmd = tnl_lock(s.addr.port(), &["--wait", "10", "w"]);
+    cmd.stdin(Stdio::piped());
+    let mut running = Running::spawn(&mut cmd);
+    assert!(wait_until(LIMIT, || s.stat("waiting") == 1.0).is_some());
+    assert_eq!(running.stdout(), "");
+    assert_eq!(holder.ask("release"), "released");
+    assert!(wait_until(LIMIT, || running.stdout() == "ok\n").is_some());
+    drop(running.child.stdin.take());
+    assert_eq!(running.finish(LIMIT).0, 0);
+}
+
+#[test]
+fn losing_the_lock_exits_122() {
+    let s = Server::start(&[]);
+    let mut running = hold(&s, &["gone"]);
+    let start = Instant::now();
+    drop(s);
+    let (code, _, err) = running.finish(LIMIT);
+    assert_eq!(code, 122);
+    assert!(start.elapsed() < Duration::from_secs(3));
+    assert!(
+        err.contains("lock gone lost: the server closed the connection"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_lease_is_renewed_while_held() {
+    let s = Server::start(&[]);
+    let mut running = hold(&s, &["--ttl", "0.3", "lease"]);
+    let start = Instant::now();
+    // Held across several ttls.
+    assert!(wait_until(LIMIT, || start.elapsed() > Duration::from_secs(1)).is_some());
+    assert!(held(&s, "lease"));
+    drop(running.child.stdin.take());
+    assert_eq!(running.finish(LIMIT).0, 0);
+    assert_eq!(s.stat("lease_expired_count"), 0.0);
+}
+
+#[test]
+fn stdin_at_end_of_file_releases_at_once() {
+    let s = Server::start(&[]);
+    // </dev/null (and a closed stdin, which the runtime turns into /dev/null): nothing to hold
+    // for.
+    let (code, out, _) = run_within(&mut tnl_lock(s.addr.port(), &["n"]), LIMIT);
+    assert_eq!((code, out.as_str()), (0, "ok\n"));
+    assert!(!held(&s, "n"));
+}
+
+#[test]
+fn unreachable_is_125_and_bad_names_are_2() {
+    let (code, out, err) = run_within(&mut tnl_lock(free_port(), &["x"]), LIMIT);
+    assert_eq!((code, out.as_str()), (125, ""));
+    assert!(err.contains("connection refused"), "{err}");
+    let (code, _, err) = run_within(&mut tnl_lock(free_port(), &["a/b"]), LIMIT);
+    assert_eq!(code, 2);
+    assert!(err.contains("invalid lock name"), "{err}");
+}
+
+#[test]
+fn the_readme_coproc_recipe_works() {
+    let s = Server::start(&[]);
+    let script = format!(
+        r#"
+        export TCPNETLOCK_HOST=127.0.0.1 TCPNETLOCK_PORT={port}
+        coproc LOCK {{ {BIN} lock build-cache; }}
+        read -r reply <&"${{LOCK[0]}}"
+        [ "$reply" = ok ] || exit 9
+        echo "reply=$reply"
+        {BIN} locks | grep -q '^build-cache ' && echo held
+        exec {{LOCK[1]}}>&-
+        wait "$LOCK_PID"; echo "status=$?"
+        {BIN} do --lock-name build-cache -- echo free-again
+        "#,
+        port = s.addr.port()
+    );
+    let (code, out, err) = run_within(Command::new("bash").arg("-c").arg(script), LIMIT);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out, "reply=ok\nheld\nstatus=0\nfree-again\n", "{err}");
+}
+
+#[test]
+fn the_readme_fifo_recipe_works_in_a_posix_shell() {
+    let s = Server::start(&[]);
+    let script = format!(
+        r#"
+        export TCPNETLOCK_HOST=127.0.0.1 TCPNETLOCK_PORT={port}
+        dir=$(mktemp -d); mkfifo "$dir/in" "$dir/out"
+        {BIN} lock build-cache < "$dir/in" > "$dir/out" &
+        exec 3> "$dir/in"
+        read -r reply < "$dir/out"
+        echo "reply=$reply"
+        {BIN} do --lock-name build-cache -- true; echo "while held: $?"
+        exec 3>&-
+        wait $!; echo "status=$?"; rm -r "$dir"
+        {BIN} do --lock-name build-cache -- echo free-again
+        "#,
+        port = s.addr.port()
+    );
+    let (code, out, err) = run_within(Command::new("sh").arg("-c").arg(script), LIMIT);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        out, "reply=ok\nwhile held: 123\nstatus=0\nfree-again\n",
+        "{err}"
+    );
+}
+
+#[test]
+fn a_server_error_is_printed_and_is_123() {
+    let s = Server::start(&[]);
+    let mut a = common::Client::connect(s.addr);
+    assert_eq!(a.ask("lock,name:sem,max:2"), "ok");
+    // `lock` asks for a plain lock (max 1): the server refuses the mismatch with an `err,` line.
+    let (code, out, err) = run_within(&mut tnl_lock(s.addr.port(), &["sem"]), LIMIT);
+    assert_eq!(code, 123, "{err}");
+    assert_eq!(out, "err,max mismatch: sem is held with max:2\n");
+    assert!(
+        err.contains("the server refused the request: max mismatch"),
+        "{err}"
+    );
+}
