@@ -108,6 +108,11 @@ pub fn client(argv: Vec<OsString>) -> Result<u8, Fail> {
     if args.keep_alive {
         client = client.keepalive(args.keep_alive_secs.max(Duration::from_millis(100)));
     }
+    // Ctrl-C is watched from before the lock is taken: one arriving just after the grant must
+    // still end in a release and 0.1.8's status 4, not in death by signal. (0.1.8's client never
+    // waits, so blocking SIGINT while connecting delays it by a round trip at most.)
+    // SIGTERM keeps its default (the process ends, the lock with it), as in 0.1.8.
+    let signals = watch_signals(&[libc::SIGINT])?;
     let lock = client.lock(name).map_err(|e| {
         use client::Error as E;
         match e {
@@ -128,8 +133,6 @@ pub fn client(argv: Vec<OsString>) -> Result<u8, Fail> {
     if args.info || args.debug {
         eprintln!("INFO: lock '{name}' granted; holding it until killed");
     }
-    // SIGTERM keeps its default (the process ends, the lock with it), as in 0.1.8.
-    let signals = watch_signals(&[libc::SIGINT])?;
     match hold(&lock, &signals, None) {
         End::Release => {
             drop(lock);

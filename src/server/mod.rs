@@ -1,8 +1,9 @@
 //! Everything that touches sockets and threads.
 //!
-//! One acceptor thread per listening socket admits connections (or refuses them with an `err,`
-//! line when a limit is reached) and hands them to the worker [`pool`]. A worker runs the whole
-//! life of one connection ([`conn`]). The main thread reports to systemd ([`notify`]).
+//! Threads come from the worker [`pool`]. For each listening socket one worker accepts; when it
+//! has a client, it hands accepting over to another worker and serves the whole life of that
+//! connection itself ([`conn`]), refusing clients with an `err,` line when a limit is reached.
+//! A timer thread expires leases and waits; the main thread reports to systemd ([`notify`]).
 //! The only state shared between connections is the lock table, behind one Mutex that is never
 //! held across socket I/O.
 
@@ -75,7 +76,7 @@ pub struct Server {
     /// Wakes the timer thread when a new deadline (wait or lease) may be sooner than the one it
     /// sleeps towards. Paired with `table`.
     pub timer: Condvar,
-    pool: pool::Pool<Conn>,
+    pool: pool::Pool<Acceptor>,
     started: Instant,
     /// Connections accepted since start (0.1.8's `requests_count`).
     requests: AtomicU64,
@@ -87,6 +88,40 @@ pub struct Server {
     /// once, forever, spinning a core.
     reserve_fd: Mutex<Option<TcpListener>>,
     tokens: Mutex<tokens::Tokens>,
+}
+
+/// The one job of a pool worker: accept on `listener` (see [`Server::accept_loop`]).
+pub struct Acceptor {
+    server: Arc<Server>,
+    listener: Arc<TcpListener>,
+}
+
+/// Makes sure every listener always has exactly one worker accepting on it: the role is handed
+/// over before serving a client, and handed over again if the loop unwinds from a panic.
+struct AcceptorRole {
+    next: Option<Acceptor>,
+}
+
+impl AcceptorRole {
+    fn hand_over(&mut self, pool: &pool::Pool<Acceptor>) -> io::Result<()> {
+        let next = self.next.take().expect("the role is handed over once");
+        pool.submit(next).map_err(|(next, e)| {
+            self.next = Some(next);
+            e
+        })
+    }
+}
+
+impl Drop for AcceptorRole {
+    fn drop(&mut self) {
+        if let Some(next) = self.next.take()
+            && thread::panicking()
+        {
+            // Best effort: if no thread can start, the listener has no acceptor until one can.
+            let server = Arc::clone(&next.server);
+            let _ = server.pool.submit(next);
+        }
+    }
 }
 
 /// Keeps [`Server::open`] right however a connection ends.
@@ -107,7 +142,9 @@ impl Server {
             config,
             table: Mutex::new(Table::new(first_token)),
             timer: Condvar::new(),
-            pool: pool::Pool::new(idle, WORKER_STACK, conn::serve),
+            pool: pool::Pool::new(idle, WORKER_STACK, |a: Acceptor| {
+                a.server.accept_loop(a.listener)
+            }),
             started: Instant::now(),
             requests: AtomicU64::new(0),
             open: AtomicUsize::new(0),
@@ -165,10 +202,12 @@ impl Server {
             // A socket inherited from systemd may have been left non-blocking by a previous
             // instance: the open file description is shared across restarts.
             listener.set_nonblocking(false)?;
-            let server = Arc::clone(self);
-            thread::Builder::new()
-                .name("tcpnetlock-accept".into())
-                .spawn(move || server.accept_loop(listener))?;
+            self.pool
+                .submit(Acceptor {
+                    server: Arc::clone(self),
+                    listener: Arc::new(listener),
+                })
+                .map_err(|(_, e)| e)?;
         }
         Ok(())
     }
@@ -237,11 +276,32 @@ impl Server {
         }
     }
 
-    fn accept_loop(self: Arc<Server>, listener: TcpListener) {
+    /// Runs on a pool worker: accepts until it has a client to serve, hands accepting over to
+    /// another worker, and serves that client itself. The client's request is answered by the
+    /// thread that accepted it, so no thread hand-off sits on its path (one fewer wake-up per
+    /// connection than an acceptor passing connections to workers).
+    fn accept_loop(self: Arc<Server>, listener: Arc<TcpListener>) {
+        let mut role = AcceptorRole {
+            next: Some(Acceptor {
+                server: Arc::clone(&self),
+                listener: Arc::clone(&listener),
+            }),
+        };
         let mut last_warning: Option<Instant> = None;
         loop {
             match listener.accept() {
-                Ok((stream, peer)) => self.admit(stream, peer),
+                Ok((stream, peer)) => {
+                    let Some(conn) = self.admit(stream, peer) else {
+                        continue;
+                    };
+                    match role.hand_over(&self.pool) {
+                        Ok(()) => return conn::serve(conn),
+                        Err(e) => {
+                            warn!("{peer}: refused: cannot start a worker thread: {e}");
+                            refuse(conn.stream, &Reply::err("server busy"));
+                        }
+                    }
+                }
                 Err(e) => {
                     let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
                     if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
@@ -258,26 +318,23 @@ impl Server {
         }
     }
 
-    fn admit(self: &Arc<Server>, stream: TcpStream, peer: SocketAddr) {
+    /// Counts the connection and checks the limit; None when it was refused.
+    fn admit(self: &Arc<Server>, stream: TcpStream, peer: SocketAddr) -> Option<Conn> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
         let guard = OpenGuard(Arc::clone(self));
         if open > self.config.max_connections {
             debug!("{peer}: refused: {open} connections open");
-            return refuse(stream, &Reply::err("too many connections"));
+            refuse(stream, &Reply::err("too many connections"));
+            return None;
         }
-        let id = ConnId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let conn = Conn {
+        Some(Conn {
             stream,
             peer,
-            id,
+            id: ConnId(self.next_id.fetch_add(1, Ordering::Relaxed)),
             server: Arc::clone(self),
             _open: guard,
-        };
-        if let Err((conn, e)) = self.pool.submit(conn) {
-            warn!("{peer}: refused: cannot start a worker thread: {e}");
-            refuse(conn.stream, &Reply::err("server busy"));
-        }
+        })
     }
 
     /// Out of descriptors: free the spare one, accept the waiting client, tell it, close it, and
