@@ -469,5 +469,8 @@ impl<H: Clone> Table<H> {
     }
 }
 
+#[doc(hidden)]
+pub mod model;
+
 #[cfg(test)]
 mod tests;

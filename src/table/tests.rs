@@ -439,18 +439,13 @@ fn snapshot_reports_holders_and_queues() {
     assert_eq!(snap[1].waiting, 1);
 }
 
-/// Random operations on a few names, checked against a model written as plainly as possible:
-/// per name, K, the holders and the queue with deadlines. Every decision and every event must
-/// match the model's, and the invariants (never more than K holders, FIFO grants) hold after
-/// each step.
+/// Random operations on a few names, checked against the plain model in `model.rs` (the fuzz
+/// target `table` drives the same harness with fuzzer-chosen operations). Every decision and
+/// every event must match the model's, and the invariants (never more than K holders, each
+/// connection in one place, FIFO grants) hold after each step.
 #[test]
 fn random_operations_match_the_model() {
-    #[derive(Default, Clone)]
-    struct Name {
-        max: u32,
-        holders: Vec<(u64, Option<f64>, Option<f64>)>, // conn, lease expiry, ttl
-        queue: Vec<(u64, f64, Option<f64>)>,           // conn, deadline, ttl
-    }
+    use super::model::{Check, Op};
     let mut rng = 0x2545_f491_4f6c_dd1d_u64;
     let mut next = move |n: u64| {
         rng ^= rng << 13;
@@ -458,192 +453,41 @@ fn random_operations_match_the_model() {
         rng ^= rng << 17;
         rng % n
     };
-    let base = t0();
     for _round in 0..300 {
-        let mut t = Table::new(1);
-        let mut model: HashMap<&str, Name> = HashMap::new();
-        let mut where_: HashMap<u64, &str> = HashMap::new();
-        let mut clock = 0.0_f64;
-        let mut next_conn = 1;
-        let names = ["p", "q"];
+        let mut check = Check::new(&["p", "q"], 1);
         for _step in 0..60 {
-            let at = base + secs(clock);
-            let mut expected: Vec<Event<u64>> = Vec::new();
-            // Model of promotion, shared by every operation.
-            let promote = |m: &mut Name, clock: f64, expected: &mut Vec<Event<u64>>| {
-                while m.holders.len() < m.max as usize && !m.queue.is_empty() {
-                    let (c, deadline, ttl) = m.queue.remove(0);
-                    if deadline <= clock {
-                        expected.push(Event::TimedOut {
-                            conn: ConnId(c),
-                            handle: c,
-                        });
-                    } else {
-                        expected.push(Event::Granted {
-                            conn: ConnId(c),
-                            token: 0,
-                            handle: c,
-                        });
-                        m.holders.push((c, ttl.map(|l| clock + l), ttl));
-                    }
-                }
-            };
-            let strip = |events: Vec<Event<u64>>| -> Vec<Event<u64>> {
-                events
-                    .into_iter()
-                    .map(|e| match e {
-                        Event::Granted { conn, handle, .. } => Event::Granted {
-                            conn,
-                            token: 0,
-                            handle,
-                        },
-                        e => e,
-                    })
-                    .collect()
-            };
             match next(4) {
-                0 | 1 => {
-                    // A new connection asks for a lock.
-                    let c = next_conn;
-                    next_conn += 1;
-                    let name = names[next(2) as usize];
-                    let max = 1 + next(2) as u32;
-                    let wait = [None, Some(0.0), Some(1.0), Some(3.0)][next(4) as usize];
-                    let ttl = [None, None, Some(1.0), Some(2.5)][next(4) as usize];
-                    let mut r = req(c).max(max);
-                    r.wait = wait.map(secs);
-                    r.ttl = ttl.map(secs);
-                    let got = t.lock(name, r, at);
-                    let m = model.entry(name).or_insert_with(|| Name {
-                        max,
-                        ..Name::default()
-                    });
-                    let want = if m.max != max {
-                        Decision::MaxMismatch { max: m.max }
-                    } else if m.holders.len() < m.max as usize && m.queue.is_empty() {
-                        m.holders.push((c, ttl.map(|l| clock + l), ttl));
-                        where_.insert(c, name);
-                        Decision::Granted { token: 0 }
-                    } else if let Some(w) = wait.filter(|w| *w > 0.0) {
-                        m.queue.push((c, clock + w, ttl));
-                        where_.insert(c, name);
-                        Decision::Queued
-                    } else {
-                        Decision::NotGranted
-                    };
-                    let got = match got {
-                        Decision::Granted { .. } => Decision::Granted { token: 0 },
-                        d => d,
-                    };
-                    assert_eq!(got, want);
-                }
+                0 | 1 => check.apply(&Op::Lock {
+                    name: next(2) as usize,
+                    max: 1 + next(2) as u32,
+                    wait: [None, Some(0.0), Some(1.0), Some(3.0)][next(4) as usize].map(secs),
+                    ttl: [None, None, Some(1.0), Some(2.5)][next(4) as usize].map(secs),
+                }),
                 2 => {
-                    // A connection leaves (release, close, reset, dead half-close).
-                    let known: Vec<u64> = where_.keys().copied().collect();
-                    if known.is_empty() {
-                        continue;
-                    }
-                    let c = known[next(known.len() as u64) as usize];
-                    let name = where_.remove(&c).unwrap();
-                    let (state, events) = t.leave(name, ConnId(c), at);
-                    let m = model.get_mut(name).unwrap();
-                    let want_state = if let Some(i) = m.holders.iter().position(|h| h.0 == c) {
-                        m.holders.remove(i);
-                        State::Holding
-                    } else if let Some(i) = m.queue.iter().position(|w| w.0 == c) {
-                        m.queue.remove(i);
-                        State::Waiting
-                    } else {
-                        State::Absent
+                    // A connection leaves (release, close, reset, dead half-close); now and then
+                    // one that already left, or a stray call for another name.
+                    let present = check.present();
+                    let conn = match next(8) {
+                        0 => next(64) as usize,
+                        _ if present.is_empty() => continue,
+                        _ => present[next(present.len() as u64) as usize],
                     };
-                    assert_eq!(state, want_state);
-                    promote(m, clock, &mut expected);
-                    assert_eq!(strip(events), expected);
+                    let name = (next(8) == 0).then(|| next(2) as usize);
+                    check.apply(&Op::Leave { conn, name });
                 }
                 _ => {
                     // Some connections send a request (renewing a lease), then time passes.
-                    let mut conns: Vec<(u64, &str)> =
-                        where_.iter().map(|(&c, &n)| (c, n)).collect();
-                    conns.sort();
-                    for (c, name) in conns {
+                    for conn in check.present() {
                         if next(2) == 0 {
-                            let m = model.get_mut(name).unwrap();
-                            let want = match m.holders.iter_mut().find(|h| h.0 == c) {
-                                Some(h) => {
-                                    h.1 = h.2.map(|l| clock + l);
-                                    State::Holding
-                                }
-                                None => State::Waiting,
-                            };
-                            assert_eq!(t.activity(name, ConnId(c), at), want);
+                            check.apply(&Op::Activity { conn, name: None });
                         }
                     }
-                    clock += [0.25, 0.5, 1.0][next(3) as usize];
-                    let at = base + secs(clock);
-                    let events = t.tick(at);
-                    // Model: everything due by now, soonest first, then promotion per name.
-                    let mut due: Vec<(f64, u64, &str, bool)> = Vec::new();
-                    for (&name, m) in &model {
-                        for h in &m.holders {
-                            if let Some(e) = h.1
-                                && e <= clock
-                            {
-                                due.push((e, h.0, name, true));
-                            }
-                        }
-                        for w in &m.queue {
-                            if w.1 <= clock {
-                                due.push((w.1, w.0, name, false));
-                            }
-                        }
-                    }
-                    due.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap().then(a.1.cmp(&b.1)));
-                    let mut touched: Vec<&str> = Vec::new();
-                    for (_, c, name, holder) in due {
-                        let m = model.get_mut(name).unwrap();
-                        if holder {
-                            m.holders.retain(|h| h.0 != c);
-                            expected.push(Event::Expired {
-                                conn: ConnId(c),
-                                handle: c,
-                            });
-                        } else {
-                            m.queue.retain(|w| w.0 != c);
-                            expected.push(Event::TimedOut {
-                                conn: ConnId(c),
-                                handle: c,
-                            });
-                        }
-                        where_.remove(&c);
-                        touched.push(name);
-                    }
-                    for name in touched {
-                        promote(model.get_mut(name).unwrap(), clock, &mut expected);
-                    }
-                    assert_eq!(strip(events), expected);
+                    let advance = [0.0, 0.25, 0.5, 1.0][next(4) as usize];
+                    check.apply(&Op::Tick {
+                        advance: secs(advance),
+                    });
                 }
             }
-            model.retain(|_, m| !m.holders.is_empty() || !m.queue.is_empty());
-            for e in &expected {
-                if let Event::TimedOut { conn, .. } | Event::Expired { conn, .. } = e {
-                    where_.remove(&conn.0);
-                }
-            }
-            // Invariants, and the table agrees with the model about everyone.
-            for (&name, m) in &model {
-                assert!(m.holders.len() <= m.max as usize);
-                for h in &m.holders {
-                    assert_eq!(t.state(name, ConnId(h.0)), State::Holding);
-                }
-                for w in &m.queue {
-                    assert_eq!(t.state(name, ConnId(w.0)), State::Waiting);
-                }
-            }
-            assert_eq!(t.names(), model.len());
-            assert_eq!(
-                t.waiting(),
-                model.values().map(|m| m.queue.len()).sum::<usize>()
-            );
         }
     }
 }

@@ -1,0 +1,469 @@
+//! A reference model of the lock table, and a harness that checks the real [`Table`] against it.
+//!
+//! The model is written to be obviously right rather than fast: per name, `max`, a list of holders
+//! and a list of waiters, searched linearly; time passes only in [`Model::tick`], which collects
+//! everything due and handles it soonest first. The unit test `random_operations_match_the_model`
+//! and the fuzz target `table` (fuzz/) drive [`Check`] with operation sequences, so there is one
+//! model and one set of checks.
+//!
+//! Tokens: the model numbers grants 1, 2, 3, ... in the order they happen. The table only promises
+//! that every token is greater than every token before it, so [`Check`] compares them by order:
+//! each table token must exceed the previous one, and is then replaced by its ordinal.
+//!
+//! Not part of the crate's API: hidden from the docs, and free to change.
+
+use super::{ConnId, Counters, Decision, Event, LockRequest, State, Table};
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+struct Holder {
+    conn: ConnId,
+    since: Instant,
+    expiry: Option<Instant>,
+    ttl: Option<Duration>,
+    ordinal: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Waiter {
+    conn: ConnId,
+    deadline: Instant,
+    ttl: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+struct Name {
+    max: u32,
+    holders: Vec<Holder>,
+    queue: Vec<Waiter>,
+}
+
+/// The table's rules, plainly. Events carry the connection number as their handle.
+#[derive(Debug, Clone, Default)]
+pub struct Model {
+    names: BTreeMap<String, Name>,
+    grants: u64,
+    counters: Counters,
+}
+
+impl Model {
+    pub fn new() -> Model {
+        Model::default()
+    }
+
+    pub fn lock(
+        &mut self,
+        name: &str,
+        conn: ConnId,
+        max: u32,
+        wait: Option<Duration>,
+        ttl: Option<Duration>,
+        now: Instant,
+    ) -> Decision {
+        let max = max.max(1);
+        let entry = self.names.entry(name.to_owned()).or_insert(Name {
+            max,
+            holders: Vec::new(),
+            queue: Vec::new(),
+        });
+        let decision = if entry.max != max {
+            self.counters.max_mismatches += 1;
+            Decision::MaxMismatch { max: entry.max }
+        } else if entry.holders.len() < max as usize && entry.queue.is_empty() {
+            self.grants += 1;
+            self.counters.acquired += 1;
+            entry.holders.push(Holder {
+                conn,
+                since: now,
+                expiry: ttl.map(|ttl| now + ttl),
+                ttl,
+                ordinal: self.grants,
+            });
+            Decision::Granted { token: self.grants }
+        } else if let Some(wait) = wait.filter(|w| !w.is_zero()) {
+            entry.queue.push(Waiter {
+                conn,
+                deadline: now + wait,
+                ttl,
+            });
+            Decision::Queued
+        } else {
+            self.counters.not_acquired += 1;
+            Decision::NotGranted
+        };
+        self.forget_empty();
+        decision
+    }
+
+    pub fn state(&self, name: &str, conn: ConnId) -> State {
+        match self.names.get(name) {
+            Some(n) if n.holders.iter().any(|h| h.conn == conn) => State::Holding,
+            Some(n) if n.queue.iter().any(|w| w.conn == conn) => State::Waiting,
+            _ => State::Absent,
+        }
+    }
+
+    pub fn activity(&mut self, name: &str, conn: ConnId, now: Instant) -> State {
+        if let Some(h) = self
+            .names
+            .get_mut(name)
+            .and_then(|n| n.holders.iter_mut().find(|h| h.conn == conn))
+        {
+            h.expiry = h.ttl.map(|ttl| now + ttl);
+        }
+        self.state(name, conn)
+    }
+
+    pub fn leave(&mut self, name: &str, conn: ConnId, now: Instant) -> (State, Vec<Event<u64>>) {
+        let mut events = Vec::new();
+        let state = self.state(name, conn);
+        if state == State::Absent {
+            return (state, events);
+        }
+        let n = self.names.get_mut(name).expect("present");
+        if state == State::Holding {
+            n.holders.retain(|h| h.conn != conn);
+            self.counters.released += 1;
+        } else {
+            n.queue.retain(|w| w.conn != conn);
+        }
+        self.promote(name, now, &mut events);
+        self.forget_empty();
+        (state, events)
+    }
+
+    pub fn tick(&mut self, now: Instant) -> Vec<Event<u64>> {
+        // Everything due by now: (when, connection, name, is it a holder).
+        let mut due: Vec<(Instant, ConnId, String, bool)> = Vec::new();
+        for (name, n) in &self.names {
+            for h in &n.holders {
+                if let Some(at) = h.expiry.filter(|at| *at <= now) {
+                    due.push((at, h.conn, name.clone(), true));
+                }
+            }
+            for w in n.queue.iter().filter(|w| w.deadline <= now) {
+                due.push((w.deadline, w.conn, name.clone(), false));
+            }
+        }
+        due.sort();
+        let mut events = Vec::new();
+        for (_, conn, name, holder) in &due {
+            let n = self.names.get_mut(name).expect("present");
+            if *holder {
+                n.holders.retain(|h| h.conn != *conn);
+                self.counters.expired += 1;
+                events.push(Event::Expired {
+                    conn: *conn,
+                    handle: conn.0,
+                });
+            } else {
+                n.queue.retain(|w| w.conn != *conn);
+                self.counters.wait_timeouts += 1;
+                self.counters.not_acquired += 1;
+                events.push(Event::TimedOut {
+                    conn: *conn,
+                    handle: conn.0,
+                });
+            }
+        }
+        for (_, _, name, _) in &due {
+            self.promote(name, now, &mut events);
+        }
+        self.forget_empty();
+        events
+    }
+
+    /// Fills free places from the front of the queue; a waiter whose time is up is told so.
+    fn promote(&mut self, name: &str, now: Instant, events: &mut Vec<Event<u64>>) {
+        let n = self.names.get_mut(name).expect("present");
+        while n.holders.len() < n.max as usize && !n.queue.is_empty() {
+            let w = n.queue.remove(0);
+            if w.deadline <= now {
+                self.counters.wait_timeouts += 1;
+                self.counters.not_acquired += 1;
+                events.push(Event::TimedOut {
+                    conn: w.conn,
+                    handle: w.conn.0,
+                });
+                continue;
+            }
+            self.grants += 1;
+            self.counters.acquired += 1;
+            self.counters.granted_after_wait += 1;
+            events.push(Event::Granted {
+                conn: w.conn,
+                token: self.grants,
+                handle: w.conn.0,
+            });
+            n.holders.push(Holder {
+                conn: w.conn,
+                since: now,
+                expiry: w.ttl.map(|ttl| now + ttl),
+                ttl: w.ttl,
+                ordinal: self.grants,
+            });
+        }
+    }
+
+    fn forget_empty(&mut self) {
+        self.names
+            .retain(|_, n| !n.holders.is_empty() || !n.queue.is_empty());
+    }
+
+    pub fn names(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.names.values().map(|n| n.queue.len()).sum()
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let leases = self.names.values().flat_map(|n| &n.holders);
+        let waits = self.names.values().flat_map(|n| &n.queue);
+        leases
+            .filter_map(|h| h.expiry)
+            .chain(waits.map(|w| w.deadline))
+            .min()
+    }
+}
+
+/// One step of a test: every connection locks once, as the server's connections do.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// A new connection asks for names\[name\].
+    Lock {
+        name: usize,
+        max: u32,
+        wait: Option<Duration>,
+        ttl: Option<Duration>,
+    },
+    /// Connection number `conn` (counted from 0, modulo the connections so far) leaves: its own
+    /// name, or names\[n\] with `Some(n)` (a stray call that must change nothing).
+    Leave { conn: usize, name: Option<usize> },
+    /// Connection `conn` sends a request (renewing a lease), as for [`Op::Leave`].
+    Activity { conn: usize, name: Option<usize> },
+    /// Time moves forward by `advance` (perhaps zero), then the timer runs.
+    Tick { advance: Duration },
+}
+
+/// Drives a [`Table`] and a [`Model`] with the same operations and panics at the first
+/// difference or broken invariant.
+pub struct Check {
+    table: Table<u64>,
+    model: Model,
+    names: Vec<String>,
+    now: Instant,
+    /// Every connection so far, with the name it asked for.
+    conns: Vec<(ConnId, usize)>,
+    /// The last table token seen, and each token's ordinal (for snapshots).
+    last_token: Option<u64>,
+    ordinals: HashMap<u64, u64>,
+    /// Per name, the connections queued, oldest first (an independent FIFO check).
+    queued: Vec<Vec<ConnId>>,
+}
+
+impl Check {
+    pub fn new(names: &[&str], first_token: u64) -> Check {
+        Check {
+            table: Table::new(first_token),
+            model: Model::new(),
+            names: names.iter().map(|n| n.to_string()).collect(),
+            now: Instant::now(),
+            conns: Vec::new(),
+            last_token: None,
+            ordinals: HashMap::new(),
+            queued: vec![Vec::new(); names.len()],
+        }
+    }
+
+    /// Indices (for [`Op::Leave`] and [`Op::Activity`]) of the connections holding or waiting.
+    pub fn present(&self) -> Vec<usize> {
+        (0..self.conns.len())
+            .filter(|&i| {
+                let (conn, name) = self.conns[i];
+                self.model.state(&self.names[name], conn) != State::Absent
+            })
+            .collect()
+    }
+
+    pub fn apply(&mut self, op: &Op) {
+        let names = self.names.len();
+        match *op {
+            Op::Lock {
+                name,
+                max,
+                wait,
+                ttl,
+            } => {
+                let name = name % names;
+                let conn = ConnId(self.conns.len() as u64 + 1);
+                self.conns.push((conn, name));
+                let req = LockRequest {
+                    conn,
+                    client_id: None,
+                    peer: None,
+                    max,
+                    wait,
+                    ttl,
+                    handle: conn.0,
+                };
+                let n = &self.names[name];
+                let got = self.table.lock(n, req, self.now);
+                let want = self.model.lock(n, conn, max, wait, ttl, self.now);
+                let got = match got {
+                    Decision::Granted { token } => Decision::Granted {
+                        token: self.ordinal(token),
+                    },
+                    d => d,
+                };
+                assert_eq!(got, want, "{op:?}");
+                if got == Decision::Queued {
+                    self.queued[name].push(conn);
+                }
+            }
+            Op::Leave { conn, name } | Op::Activity { conn, name } => {
+                if self.conns.is_empty() {
+                    return;
+                }
+                let (id, own) = self.conns[conn % self.conns.len()];
+                let n = self.names[name.map_or(own, |n| n % names)].clone();
+                let n = n.as_str();
+                if let Op::Leave { .. } = op {
+                    let (state, events) = self.table.leave(n, id, self.now);
+                    let events = self.by_order(events);
+                    let (want_state, want) = self.model.leave(n, id, self.now);
+                    assert_eq!((state, &events), (want_state, &want), "{op:?}");
+                    self.check_fifo(&events);
+                } else {
+                    let state = self.table.activity(n, id, self.now);
+                    assert_eq!(state, self.model.activity(n, id, self.now), "{op:?}");
+                }
+            }
+            Op::Tick { advance } => {
+                self.now += advance;
+                let events = self.table.tick(self.now);
+                let events = self.by_order(events);
+                assert_eq!(events, self.model.tick(self.now), "{op:?}");
+                self.check_fifo(&events);
+            }
+        }
+        self.check_invariants();
+    }
+
+    /// The next grant's ordinal, after checking its token exceeds every one before it.
+    fn ordinal(&mut self, token: u64) -> u64 {
+        if let Some(last) = self.last_token {
+            assert!(token > last, "token {token} after {last}");
+        }
+        self.last_token = Some(token);
+        let ordinal = self.ordinals.len() as u64 + 1;
+        self.ordinals.insert(token, ordinal);
+        ordinal
+    }
+
+    fn by_order(&mut self, events: Vec<Event<u64>>) -> Vec<Event<u64>> {
+        events
+            .into_iter()
+            .map(|e| match e {
+                Event::Granted {
+                    conn,
+                    token,
+                    handle,
+                } => Event::Granted {
+                    conn,
+                    token: self.ordinal(token),
+                    handle,
+                },
+                e => e,
+            })
+            .collect()
+    }
+
+    /// A waiter is granted only once everyone queued before it for that name is gone or
+    /// granted.
+    fn check_fifo(&mut self, events: &[Event<u64>]) {
+        for e in events {
+            let Event::Granted { conn, .. } = e else {
+                continue;
+            };
+            let (_, name) = self.conns[conn.0 as usize - 1];
+            let queue = &mut self.queued[name];
+            let at = queue.iter().position(|c| c == conn).expect("was queued");
+            for earlier in &queue[..at] {
+                let state = self.table.state(&self.names[name], *earlier);
+                assert_ne!(state, State::Waiting, "{conn:?} granted before {earlier:?}");
+            }
+            queue.remove(at);
+        }
+    }
+
+    fn check_invariants(&self) {
+        let (t, m) = (&self.table, &self.model);
+        // Everyone stands where the model says, in at most one place.
+        let mut waiting = 0;
+        for &(conn, _) in &self.conns {
+            let mut places = 0;
+            for name in &self.names {
+                let state = t.state(name, conn);
+                assert_eq!(state, m.state(name, conn), "{conn:?} on {name}");
+                places += usize::from(state != State::Absent);
+                waiting += usize::from(state == State::Waiting);
+            }
+            assert!(places <= 1, "{conn:?} is in {places} places");
+        }
+        assert_eq!(t.waiting(), waiting);
+        assert_eq!(t.waiting(), m.waiting());
+        assert_eq!(t.names(), m.names());
+        assert_eq!(t.counters(), m.counters());
+        assert_eq!(t.next_deadline(), m.next_deadline());
+
+        let snap = t.snapshot(self.now);
+        let held: Vec<&String> = m
+            .names
+            .iter()
+            .filter(|(_, n)| !n.holders.is_empty())
+            .map(|(name, _)| name)
+            .collect();
+        let snap_names: Vec<&str> = snap.iter().map(|l| &*l.name).collect();
+        assert_eq!(snap_names, held, "snapshot names, sorted");
+        assert_eq!(t.held(), snap.len());
+        assert_eq!(t.holders(), snap.iter().map(|l| l.holders.len()).sum());
+        assert_eq!(t.waiting(), snap.iter().map(|l| l.waiting).sum());
+        for lock in &snap {
+            let n = &m.names[&*lock.name];
+            assert_eq!(lock.max, n.max);
+            assert!(lock.holders.len() <= lock.max as usize, "{}", lock.name);
+            assert_eq!(lock.waiting, n.queue.len());
+            // Waiters only while every place is taken.
+            assert!(lock.waiting == 0 || lock.holders.len() == lock.max as usize);
+            // Longest held first, and the holders and their tokens are the model's.
+            assert!(lock.holders.is_sorted_by(|a, b| a.held_for >= b.held_for));
+            let mut got: Vec<(Duration, u64, Option<Duration>)> = lock
+                .holders
+                .iter()
+                .map(|h| (h.held_for, self.ordinals[&h.token], h.ttl))
+                .collect();
+            let mut want: Vec<(Duration, u64, Option<Duration>)> = n
+                .holders
+                .iter()
+                .map(|h| (self.now - h.since, h.ordinal, h.ttl))
+                .collect();
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "holders of {}", lock.name);
+        }
+        let oldest = m
+            .names
+            .values()
+            .flat_map(|n| &n.holders)
+            .map(|h| self.now - h.since)
+            .max();
+        assert_eq!(t.oldest_hold(self.now), oldest);
+    }
+}
