@@ -85,9 +85,19 @@ fn churn_worker() {
     client_loop(id, addr, &records);
 }
 
-/// Appends one line with one write(2).
+/// Every record is this long, padded with spaces before its `\n`.
+const RECORD: usize = 128;
+
+/// Appends one record with one write(2). A SIGKILL can cut a write short only where it crosses
+/// a page boundary of the file (the kernel checks for a fatal signal between pages), so every
+/// record has the same size, a divisor of the page size: none ever crosses one.
 fn record(out: &mut File, line: String) {
-    out.write_all(line.as_bytes()).unwrap();
+    let mut bytes = line.into_bytes();
+    bytes.truncate(RECORD - 1);
+    bytes.resize(RECORD - 1, b' ');
+    bytes.push(b'\n');
+    let n = out.write(&bytes).unwrap();
+    assert_eq!(n, RECORD, "short write of a record");
 }
 
 /// Takes locks until killed. Lines written (all times CLOCK_MONOTONIC ns):
@@ -103,7 +113,7 @@ fn client_loop(id: u64, addr: SocketAddr, records: &Path) -> ! {
     loop {
         let (name, max) = NAMES[rng.below(NAMES.len() as u64) as usize];
         let stream = TcpStream::connect(addr).unwrap_or_else(|e| {
-            record(&mut out, format!("X {id} connect: {e}\n"));
+            record(&mut out, format!("X {id} connect: {e}"));
             panic!("connect: {e}")
         });
         stream.set_nodelay(true).unwrap();
@@ -131,12 +141,12 @@ fn client_loop(id: u64, addr: SocketAddr, records: &Path) -> ! {
                     )
                     && line.is_empty() =>
             {
-                record(&mut out, format!("A {id} {name} {}\n", now_ns()));
+                record(&mut out, format!("A {id} {name} {}", now_ns()));
                 reset(&stream);
                 continue;
             }
             other => {
-                record(&mut out, format!("X {id} {name}: {other:?} {line:?}\n"));
+                record(&mut out, format!("X {id} {name}: {other:?} {line:?}"));
                 panic!("{name}: {other:?} {line:?}");
             }
         }
@@ -144,11 +154,11 @@ fn client_loop(id: u64, addr: SocketAddr, records: &Path) -> ! {
         let token: u64 = line["ok,token:".len()..].trim_end().parse().unwrap();
         record(
             &mut out,
-            format!("G {id} {name} {max} {token} {asked} {ok}\n"),
+            format!("G {id} {name} {max} {token} {asked} {ok}"),
         );
         thread::sleep(Duration::from_micros(rng.below(1500)));
         let end = |out: &mut File, how: char| {
-            record(out, format!("E {id} {token} {} {how}\n", now_ns()));
+            record(out, format!("E {id} {token} {} {how}", now_ns()));
         };
         match rng.below(100) {
             0..45 => {
@@ -160,7 +170,7 @@ fn client_loop(id: u64, addr: SocketAddr, records: &Path) -> ! {
                 line.clear();
                 reader.read_line(&mut line).unwrap();
                 if line != "released\n" {
-                    record(&mut out, format!("X {id} release: {line:?}\n"));
+                    record(&mut out, format!("X {id} release: {line:?}"));
                     panic!("release: {line:?}");
                 }
             }
@@ -176,7 +186,7 @@ fn client_loop(id: u64, addr: SocketAddr, records: &Path) -> ! {
             // is gone (here, a few milliseconds later, or at a SIGKILL meanwhile).
             n => {
                 stream.shutdown(Shutdown::Write).unwrap();
-                record(&mut out, format!("H {id} {token} {}\n", now_ns()));
+                record(&mut out, format!("H {id} {token} {}", now_ns()));
                 let stay = if n == 99 {
                     Duration::from_millis(20 + rng.below(80))
                 } else {
@@ -282,7 +292,7 @@ impl Tracker {
         let text = String::from_utf8_lossy(&self.partial[..complete]).into_owned();
         self.partial.drain(..complete);
         for line in text.lines() {
-            let mut f = line.split(' ');
+            let mut f = line.split_whitespace();
             let (kind, worker) = (f.next(), f.next().and_then(|w| w.parse().ok()));
             match (kind, worker) {
                 (Some("G"), Some(w)) => {
@@ -413,7 +423,8 @@ fn check(text: &str, kills: &[(u64, u64)]) -> String {
     let mut by_token: HashMap<u64, usize> = HashMap::new();
     let mut gave_up = 0;
     for line in text.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
+        assert_eq!(line.len(), RECORD - 1, "torn record {line:?}");
+        let f: Vec<&str> = line.split_whitespace().collect();
         let num = |i: usize| -> u64 {
             f.get(i)
                 .and_then(|v| v.parse().ok())
