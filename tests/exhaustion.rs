@@ -1,5 +1,6 @@
-//! Running out of descriptors or threads: holders keep their locks, newcomers get a clear `err,`
-//! line, the CPU stays idle, and service resumes when the load drops.
+//! Running out of descriptors, threads or connection slots (`--max-connections`): holders keep
+//! their locks, newcomers get a clear `err,` line, the CPU stays idle, and service resumes when
+//! the load drops.
 
 mod common;
 
@@ -149,4 +150,132 @@ fn out_of_threads() {
     s.child.kill().unwrap();
     s.child.wait().unwrap();
     drop(cgroup);
+}
+
+/// `--max-connections` reached: a stream of clients is refused with a clear line while the
+/// holders and the waiter already in keep being served; refusing costs little CPU and nothing
+/// spins while the server is full; service resumes when connections close.
+#[test]
+fn max_connections_reached() {
+    use std::io::{Read, Write};
+    use std::time::Instant;
+
+    const LIMIT: usize = 12;
+    let s = Server::start(&["--max-connections", &LIMIT.to_string()]);
+    let pid = s.child.id();
+    // The limit is filled with 11 holders and one waiter (queued behind holder 0).
+    let mut holders: Vec<Client> = (0..LIMIT - 2)
+        .map(|i| {
+            let (c, reply) = try_lock(s.addr, &format!("mc{i}"));
+            assert_eq!(reply, "ok");
+            c
+        })
+        .collect();
+    let mut waiter = Client::connect(s.addr);
+    waiter.send("lock,name:mc0,wait:120");
+    assert!(
+        wait_until(Duration::from_secs(5), || s.stat("waiting") == 1.0).is_some(),
+        "the waiter never queued"
+    );
+    // The `.stats` connection counts until the server has closed it, a moment after its reply.
+    let mut last = None;
+    wait_until(Duration::from_secs(2), || {
+        let (c, reply) = try_lock(s.addr, &format!("mc{}", LIMIT - 2));
+        last = Some((c, reply));
+        last.as_ref().unwrap().1 == "ok"
+    });
+    let (c, reply) = last.unwrap();
+    assert_eq!(reply, "ok");
+    holders.push(c);
+
+    // 2000 clients in 2 s, from 4 threads: each connects, asks for a lock as any client would,
+    // and reads to the end.
+    let (threads, per_thread, pace) = (4, 500, Duration::from_millis(4));
+    let cpu_before = cpu_secs(pid);
+    let start = Instant::now();
+    let burst: Vec<_> = (0..threads)
+        .map(|_| {
+            let addr = s.addr;
+            std::thread::spawn(move || {
+                let mut replies = std::collections::HashMap::<String, usize>::new();
+                for _ in 0..per_thread {
+                    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+                    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    // The server may have refused and closed before the request arrives.
+                    let _ = c.write_all(b"lock,name:burst\n");
+                    let mut reply = Vec::new();
+                    let got = c.read_to_end(&mut reply);
+                    let mut seen = String::from_utf8_lossy(&reply).into_owned();
+                    if let Err(e) = got {
+                        seen = format!("{seen} then {e}");
+                    }
+                    *replies.entry(seen).or_default() += 1;
+                    std::thread::sleep(pace);
+                }
+                replies
+            })
+        })
+        .collect();
+    // Meanwhile the holders are served as usual.
+    let mut slowest = Duration::ZERO;
+    let mut rounds = 0;
+    while !burst.iter().all(|t| t.is_finished()) {
+        for h in &mut holders {
+            let asked = Instant::now();
+            assert_eq!(h.ask(".keepalive"), "alive");
+            slowest = slowest.max(asked.elapsed());
+        }
+        rounds += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut replies = std::collections::HashMap::<String, usize>::new();
+    for t in burst {
+        for (k, n) in t.join().unwrap() {
+            *replies.entry(k).or_default() += n;
+        }
+    }
+    let took = start.elapsed();
+    let cpu = cpu_secs(pid) - cpu_before;
+    let refused = threads * per_thread;
+    eprintln!(
+        "{refused} clients refused in {took:.2?}: server CPU {cpu:.3} s ({:.0} us per refusal); \
+         {rounds} rounds of keepalives from {} holders meanwhile, slowest {slowest:.2?}",
+        cpu * 1e6 / refused as f64,
+        holders.len()
+    );
+    assert_eq!(
+        replies.get("err,too many connections\n"),
+        Some(&refused),
+        "{replies:?}"
+    );
+    assert!(
+        cpu < took.as_secs_f64() / 4.0,
+        "{cpu:.3} s of CPU to refuse {refused} clients in {took:.2?}"
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a holder waited {slowest:?}"
+    );
+
+    // Full, with nobody knocking: nothing runs.
+    let before = cpu_secs(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let idle = cpu_secs(pid) - before;
+    eprintln!("full and idle: {idle:.3} s of CPU in 1 s");
+    assert!(idle < 0.05, "{idle:.3} s of CPU in 1 s while full and idle");
+
+    // The load drops: the waiter gets holder 0's lock, and the freed place serves a newcomer.
+    assert_eq!(holders.remove(0).ask("release"), "released");
+    assert_eq!(waiter.line(), "ok");
+    let mut newcomer = None;
+    let resumed = wait_until(Duration::from_secs(2), || {
+        let (c, reply) = try_lock(s.addr, "after");
+        newcomer = Some(c);
+        reply == "ok"
+    });
+    assert!(resumed.is_some(), "service did not resume");
+    let mut newcomer = newcomer.unwrap();
+    // Full again: refused again.
+    assert_eq!(Client::connect(s.addr).line(), "err,too many connections");
+    assert_eq!(newcomer.ask("release"), "released");
 }
