@@ -322,7 +322,8 @@ fn check_timing(took: Duration, time: Duration, probing: Duration, slack: Durati
     );
 }
 
-/// The README's claim: with default settings, a vanished holder's lock is freed within 40 s.
+/// The README's claim: with default settings, a vanished holder's lock is freed within 40 s (as
+/// far as the server's settings go: the kernel's timers add a second or two, below).
 #[test]
 fn vanished_holder_default_bound_40s() {
     if std::env::var("TCPNETLOCK_LONG_FAULTS").is_ok_and(|v| v == "1") {
@@ -332,7 +333,7 @@ fn vanished_holder_default_bound_40s() {
         let took = cut_holder_off(&link, &server, 90, bound + Duration::from_secs(20));
         eprintln!("vanished holder (default bound 40 s): waiter granted {took:?} after the cut");
         // The slack is wider here: the kernel's timer wheel rounds a 20 s timer up by as much as
-        // 2 s (HZ=250), each 5 s one by up to 256 ms. Measured: 41.2 s.
+        // 2 s (HZ=250), each 5 s one by up to 256 ms. Measured: 41.2 s and 41.6 s.
         check_timing(
             took,
             Duration::from_secs(20),

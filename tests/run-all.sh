@@ -9,8 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The tests start real clients and tools: every nc variant, socat, busybox, bash's /dev/tcp,
-# systemd-socket-activate, ss, vmstat (0.1.8's CLI tests), python3 with venv (0.1.8 itself);
-# the package checks need rpm, file and man; the end-to-end test debootstrap and nspawn.
+# systemd-socket-activate, ss, ip (network namespaces: tests/faults_netns.rs), vmstat (0.1.8's CLI
+# tests), python3 with venv (0.1.8 itself); the package checks need rpm, file and man; the
+# end-to-end test debootstrap and nspawn.
 packages=(netcat-openbsd netcat-traditional ncat busybox socat systemd iproute2 procps
     rpm file man-db debootstrap systemd-container)
 missing=()
