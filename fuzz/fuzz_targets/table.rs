@@ -3,11 +3,11 @@
 //!
 //! Three names, connections that lock once each (with `max` 1 to 3 or 65535, waits and ttls from
 //! a nanosecond to a week), leaves and requests from holders, waiters, connections already gone
-//! and stray calls for the wrong name, and a clock that only moves forward (by zero too). After
-//! every step the harness checks: decisions and events equal the model's (tokens by order), every
-//! token above the one before, at most `max` holders per name, each connection in at most one
-//! place, `waiting()` and the other counts, counters, the next deadline, the snapshot, and FIFO
-//! grants.
+//! and stray calls for the wrong name, and a clock that only moves forward (by zero too), the
+//! timer running at once or late (requests handled past a deadline first). After every step the
+//! harness checks: decisions and events equal the model's (tokens by order), every token above
+//! the one before, at most `max` holders per name, each connection in at most one place,
+//! `waiting()` and the other counts, counters, the next deadline, the snapshot, and FIFO grants.
 #![no_main]
 
 use std::time::Duration;
@@ -54,9 +54,10 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                     Op::Activity { conn, name }
                 }
             }
-            _ => Op::Tick {
+            5 => Op::Advance {
                 advance: advance(u)?,
             },
+            _ => Op::Tick,
         };
         check.apply(&op);
     }

@@ -248,8 +248,11 @@ pub enum Op {
     Leave { conn: usize, name: Option<usize> },
     /// Connection `conn` sends a request (renewing a lease), as for [`Op::Leave`].
     Activity { conn: usize, name: Option<usize> },
-    /// Time moves forward by `advance` (perhaps zero), then the timer runs.
-    Tick { advance: Duration },
+    /// Time moves forward by `advance` (perhaps zero). The timer has not run yet: a busy server
+    /// may handle requests past a deadline before its timer thread gets to it.
+    Advance { advance: Duration },
+    /// The timer runs.
+    Tick,
 }
 
 /// Drives a [`Table`] and a [`Model`] with the same operations and panics at the first
@@ -345,8 +348,8 @@ impl Check {
                     assert_eq!(state, self.model.activity(n, id, self.now), "{op:?}");
                 }
             }
-            Op::Tick { advance } => {
-                self.now += advance;
+            Op::Advance { advance } => self.now += advance,
+            Op::Tick => {
                 let events = self.table.tick(self.now);
                 let events = self.by_order(events);
                 assert_eq!(events, self.model.tick(self.now), "{op:?}");
