@@ -65,14 +65,21 @@ impl Tokens {
     }
 }
 
+/// The stored reservation. A number too large to leave room for a run's tokens (2^63 is more than
+/// 290,000 years of microseconds) means the file is damaged: refusing to start beats wrapping.
 fn read(path: &Path) -> io::Result<Option<u64>> {
+    let bad = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} {what}", path.display()),
+        )
+    };
     match fs::read_to_string(path) {
-        Ok(text) => text.trim().parse().map(Some).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{} does not hold a number", path.display()),
-            )
-        }),
+        Ok(text) => match text.trim().parse::<u64>() {
+            Ok(n) if n < 1 << 63 => Ok(Some(n)),
+            Ok(_) => Err(bad("holds an implausibly large reservation")),
+            Err(_) => Err(bad("does not hold a number")),
+        },
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
@@ -111,6 +118,8 @@ mod tests {
             second + TOKEN_RESERVATION / 2 + 1 + TOKEN_RESERVATION
         );
         fs::write(dir.join(FILE), "garbage").unwrap();
+        assert!(Tokens::start(Some(&dir)).is_err());
+        fs::write(dir.join(FILE), u64::MAX.to_string()).unwrap();
         assert!(Tokens::start(Some(&dir)).is_err());
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -31,7 +31,9 @@ pub const TOKEN_RESERVATION: u64 = 1 << 40;
 /// make tokens go back; without one, tokens only grow if the clock does not step back and a run
 /// issues fewer tokens than microseconds pass.
 pub fn first_token(wall_clock_us: u64, stored_reservation: Option<u64>) -> u64 {
-    wall_clock_us.max(stored_reservation.unwrap_or(0)) + 1
+    wall_clock_us
+        .max(stored_reservation.unwrap_or(0))
+        .saturating_add(1)
 }
 
 /// Identifies one client connection for the whole of its life.

@@ -319,6 +319,7 @@ fn tokens_grow_across_restarts() {
     assert_eq!(first_token(stored + 10, Some(stored)), stored + 11);
     // No stored reservation: only the clock (the documented assumption).
     assert_eq!(first_token(4_000_000, None), 4_000_001);
+    assert_eq!(first_token(0, Some(u64::MAX)), u64::MAX);
 }
 
 #[test]
