@@ -23,6 +23,8 @@ pub const RUNS: [(&str, usize, bool); 4] = [
 
 #[derive(Default)]
 pub struct Cycles {
+    /// Client threads.
+    pub threads: usize,
     pub granted: u64,
     pub not_granted: u64,
     pub errors: u64,
@@ -150,6 +152,7 @@ fn run(
         }
     }
     total.secs = t0.elapsed().as_secs_f64();
+    total.threads = threads;
     total
 }
 

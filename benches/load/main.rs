@@ -521,6 +521,7 @@ fn report(
         started.elapsed().as_secs_f64(),
         loadavg()
     );
+    let _ = writeln!(out, "Source: {}.\n", source_version());
     let _ = writeln!(out, "Machine:\n");
     for (k, v) in machine_info(load_start) {
         let _ = writeln!(out, "- {k}: {v}");
@@ -565,6 +566,26 @@ fn labelled<'a>(label: &'a str, runs: Option<&'a ServerRuns>) -> impl Iterator<I
         .flat_map(move |r| r.problems.iter().map(move |p| format!("{label}: {p}")))
 }
 
+/// The commit the measured server was built from, and whether its sources differed from it.
+fn source_version() -> String {
+    let git = |args: &[&str]| {
+        common::command_output(
+            Command::new("git")
+                .args(args)
+                .current_dir(env!("CARGO_MANIFEST_DIR")),
+        )
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        None => "not a git checkout".into(),
+        Some(head) => match git(&["status", "--porcelain", "--", "src", "Cargo.toml"]) {
+            Some(changes) if !changes.is_empty() => {
+                format!("commit {head}, with uncommitted changes in src/ or Cargo.toml")
+            }
+            _ => format!("commit {head}, no uncommitted changes in src/ or Cargo.toml"),
+        },
+    }
+}
+
 fn shown_command() -> String {
     let mut envs = String::new();
     for key in [
@@ -589,7 +610,8 @@ fn shown_command() -> String {
 fn peers_section(peers: &Peers) -> String {
     let mut out = String::from(
         "\nPeers, each started by the bench on 127.0.0.1 (free ports, a fresh process for each \
-         measurement, data in a fresh directory on tmpfs) and stopped after it:\n\n",
+         measurement; Redis and etcd with their data in a fresh directory on tmpfs) and stopped \
+         after it:\n\n",
     );
     let _ = writeln!(
         out,
@@ -711,34 +733,41 @@ fn cycles_section(r: &Results) -> String {
          time of one cycle as one client thread sees it (threads ÷ cycles/s).\n\n",
     );
     let us = |x: Option<f64>| x.map_or("—".into(), |x| format!("{x:.0} µs"));
+    let times = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if a > 0.0 => format!("{:.1}x", b / a),
+        _ => "—".into(),
+    };
     let mut rows = Vec::new();
+    let wall = |c: &Cycles| Some(c.threads as f64 * 1e6 / c.rate());
     for (what, f) in [
         (
             "server CPU",
             Cycles::server_us as fn(&Cycles) -> Option<f64>,
         ),
         ("client CPU", Cycles::client_us),
+        ("wall time of a cycle", wall),
     ] {
         for &(row, _, _) in &cycles::RUNS {
-            rows.push(
-                std::iter::once(format!("{what}, {row}"))
-                    .chain([rust, py, redis].map(|p| us(cyc(p, row).and_then(f))))
-                    .collect(),
-            );
+            let [a, b, c] = [rust, py, redis].map(|p| cyc(p, row).and_then(f));
+            rows.push(vec![
+                format!("{what}, {row}"),
+                us(a),
+                us(b),
+                us(c),
+                times(a, b),
+                times(a, c),
+            ]);
         }
     }
-    for &(row, threads, _) in &cycles::RUNS {
-        rows.push(
-            std::iter::once(format!("wall time of a cycle, {row}"))
-                .chain(
-                    [rust, py, redis]
-                        .map(|p| us(cyc(p, row).map(|c| threads as f64 * 1e6 / c.rate()))),
-                )
-                .collect(),
-        );
-    }
     out.push_str(&md_table(
-        &["per cycle", "tcpnetlock", "tcpnetlock 0.1.8", "Redis"],
+        &[
+            "per cycle",
+            "tcpnetlock",
+            "tcpnetlock 0.1.8",
+            "Redis",
+            "0.1.8 ÷ tcpnetlock",
+            "Redis ÷ tcpnetlock",
+        ],
         &rows,
     ));
     out
