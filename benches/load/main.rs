@@ -40,8 +40,8 @@
 //! `_REDIS=0`, `_ETCD=0`, `_MUSL=0` skip a peer, `TCPNETLOCK_BENCH_ONLY=cycles,handoff,commands,held`
 //! runs only those parts (and leaves docs/BENCHMARKS.md alone), `TCPNETLOCK_BENCH_DOC=0` leaves
 //! docs/BENCHMARKS.md alone (the report is printed anyway). A full run takes about 2 minutes on
-//! 2 CPUs, a minute more when 0.1.8 stops answering before it has all the holders (it waits out
-//! a 60 s limit).
+//! 2 CPUs, about 3.5 when 0.1.8 stops answering before it has all the holders (it waits out a
+//! 60 s limit, then its latency probe times out).
 //!
 //! Under `cargo test --all-targets` (no `--bench` argument) it only says how to run it.
 
