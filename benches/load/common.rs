@@ -224,20 +224,9 @@ pub fn cpu_busy_pct(span: Duration) -> Option<f64> {
     Some(100.0 * (1.0 - (i1 - i0) as f64 / total as f64))
 }
 
-/// Raises the soft descriptor limit to the hard one: the bench holds one socket per holder.
-pub fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain structs in and out.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
+/// Raises the soft descriptor limit to the hard one (the bench holds one socket per holder), the
+/// way the server does for itself.
+pub use tcpnetlock::server::raise_fd_limit;
 
 /// User plus system CPU seconds of process `pid` (`"self"` for the bench) so far.
 pub fn cpu_secs(pid: &str) -> Option<f64> {
