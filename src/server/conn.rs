@@ -360,6 +360,8 @@ struct LineReader {
     end: usize,
     max_line: usize,
     timeout_set: bool,
+    /// The first read of a request was tried without waiting.
+    tried_without_timeout: bool,
 }
 
 impl LineReader {
@@ -371,6 +373,7 @@ impl LineReader {
             end: 0,
             max_line,
             timeout_set: false,
+            tried_without_timeout: false,
         }
     }
 
@@ -403,6 +406,27 @@ impl LineReader {
             }
             scanned = self.end;
             match deadline {
+                // Most requests are already waiting when their connection is accepted: read
+                // them without arming the timeout (which costs two system calls).
+                Some(_) if !self.timeout_set && self.end == 0 && !self.tried_without_timeout => {
+                    self.tried_without_timeout = true;
+                    let socket = socket2::SockRef::from(stream);
+                    // SAFETY: u8 and MaybeUninit<u8> have the same layout, and recv only writes
+                    // initialised bytes into the slice.
+                    let spare =
+                        unsafe { &mut *(&mut self.buf[..] as *mut [u8] as *mut [MaybeUninit<u8>]) };
+                    match socket.recv_with_flags(spare, libc::MSG_DONTWAIT) {
+                        Ok(0) => return Err(ReadError::Eof { partial: false }),
+                        Ok(n) => self.end += n,
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                            ) => {}
+                        Err(e) => return Err(ReadError::Io(e)),
+                    }
+                    continue;
+                }
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
