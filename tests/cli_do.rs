@@ -681,3 +681,209 @@ fn verbose_says_what_happens() {
     assert!(lines[1].starts_with("tcpnetlock: lock true granted (token "));
     assert_eq!(lines[2], "tcpnetlock: lock true released");
 }
+
+/// An interactive bash on a pseudo-terminal of its own: what a user at a terminal has, with job
+/// control. Everything the terminal shows is collected.
+struct Terminal {
+    master: std::fs::File,
+    shell: std::process::Child,
+    screen: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Terminal {
+    fn bash() -> Terminal {
+        use std::ffi::CStr;
+        use std::io::Read;
+        use std::os::fd::FromRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::process::CommandExt;
+
+        let bash = common::require_tool("bash", "bash");
+        // SAFETY: posix_openpt returns a new descriptor that the File then owns; ptsname's
+        // static buffer is copied before anything else can call it.
+        let (master, path) = unsafe {
+            let fd = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+            assert!(fd >= 0, "posix_openpt: {}", std::io::Error::last_os_error());
+            assert_eq!(libc::grantpt(fd), 0);
+            assert_eq!(libc::unlockpt(fd), 0);
+            let path = CStr::from_ptr(libc::ptsname(fd))
+                .to_str()
+                .unwrap()
+                .to_owned();
+            (std::fs::File::from_raw_fd(fd), path)
+        };
+        let slave = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(&path)
+            .unwrap();
+        let mut cmd = Command::new(bash);
+        cmd.args(["--norc", "--noprofile", "-i"])
+            .env("PS1", "$ ")
+            .env("TERM", "dumb")
+            .stdin(slave.try_clone().unwrap())
+            .stdout(slave.try_clone().unwrap())
+            .stderr(slave);
+        // SAFETY: setsid and ioctl are async-signal-safe; the new session takes the terminal
+        // on fd 0 as its controlling terminal.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let shell = cmd.spawn().expect("bash on a pty");
+        let screen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut reader = master.try_clone().unwrap();
+        let sink = std::sync::Arc::clone(&screen);
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = reader.read(&mut buf) {
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Terminal {
+            master,
+            shell,
+            screen,
+        }
+    }
+
+    fn typing(&mut self, keys: &str) {
+        self.master.write_all(keys.as_bytes()).unwrap();
+    }
+
+    /// Waits until the screen shows `text` past what it showed at `from`; returns the
+    /// screen's length after it.
+    fn shows(&self, text: &str, from: usize) -> usize {
+        let found = wait_until(LIMIT, || self.screen.lock().unwrap()[from..].contains(text));
+        let screen = self.screen.lock().unwrap().clone();
+        assert!(
+            found.is_some(),
+            "{text:?} not shown; the terminal: {screen:?}; its processes: {}",
+            self.processes()
+        );
+        screen.len()
+    }
+
+    /// The shell's descendants (pid, name, state, parent, group) and the terminal's foreground
+    /// group, for failure messages.
+    fn processes(&self) -> String {
+        use std::os::fd::AsRawFd;
+        let mut fg: libc::pid_t = 0;
+        // SAFETY: TIOCGPGRP writes one pid_t into `fg`.
+        unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCGPGRP, &mut fg) };
+        let mut family = vec![self.shell.id() as i32];
+        let mut out = format!("foreground group {fg};");
+        let all: Vec<_> = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter_map(|pid| Some((pid, common::proc_stat(pid)?)))
+            .collect();
+        for _ in 0..4 {
+            for (pid, (comm, state, ppid, pgrp)) in &all {
+                if family.contains(ppid) && !family.contains(pid) {
+                    family.push(*pid);
+                    out += &format!(" {pid} {comm} {state} ppid {ppid} pgrp {pgrp};");
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        // An interactive bash passes SIGHUP on to its jobs, stopped ones included.
+        signal(self.shell.id() as i32, libc::SIGHUP);
+        thread::sleep(Duration::from_millis(100));
+        let _ = self.shell.kill();
+        let _ = self.shell.wait();
+    }
+}
+
+/// Ctrl-Z works as on any command: the job stops, the shell gets the terminal back, the lock
+/// stays held, and `fg` hands the terminal to the command again.
+#[test]
+fn ctrl_z_stops_the_job_and_fg_resumes_it() {
+    let s = Server::start(&[]);
+    let mut term = Terminal::bash();
+    // What the shell prints, not what it echoes: the typed lines never contain the words
+    // awaited ("st""arted" is echoed as typed, printed as `started`).
+    term.typing("echo ready-$((1+1))\n");
+    let at = term.shows("ready-2", 0);
+    term.typing(&format!(
+        "{BIN} do --host 127.0.0.1 --port {} --lock-name tstp -- \
+         sh -c 'echo st\"\"arted; read x; echo got:$x$x'\n",
+        s.addr.port()
+    ));
+    let at = term.shows("started", at);
+    assert!(!common::is_free(s.addr, "tstp"));
+
+    term.typing("\x1a");
+    let at = term.shows("Stopped", at);
+    term.typing("echo back-$((2+3))\n");
+    let at = term.shows("back-5", at);
+    assert!(
+        !common::is_free(s.addr, "tstp"),
+        "the lock is held while stopped"
+    );
+
+    term.typing("fg\n");
+    // `read` from a background group would stop the command again (SIGTTIN).
+    term.typing("typed\n");
+    let at = term.shows("got:typedtyped", at);
+    term.typing("echo status-$?-end\n");
+    term.shows("status-0-end", at);
+    assert!(
+        common::is_free(s.addr, "tstp"),
+        "released after the job ended"
+    );
+}
+
+/// `bg` continues the job without the terminal: the command reading it stops again (SIGTTIN),
+/// and the shell says so; `kill %1` on the stopped job ends the command and frees the lock.
+#[test]
+fn bg_and_kill_on_a_stopped_job() {
+    let s = Server::start(&[]);
+    let mut term = Terminal::bash();
+    term.typing("echo ready-$((1+1))\n");
+    let at = term.shows("ready-2", 0);
+    // Only built-ins: a Ctrl-Z between dash's vfork and exec leaves dash unstoppable (it waits
+    // for the stopped child in the kernel), with or without `do`.
+    term.typing(&format!(
+        "{BIN} do --host 127.0.0.1 --port {} --lock-name bg -- \
+         sh -c 'echo st\"\"arted; read x; echo got:$x$x'\n",
+        s.addr.port()
+    ));
+    let at = term.shows("started", at);
+    term.typing("\x1a");
+    let at = term.shows("Stopped", at);
+    // `jobs -l` names the stop signal (the notices and `jobs` say only "Stopped").
+    term.typing("bg; sleep 2; jobs -l\n");
+    let at = term.shows("Stopped (tty input)", at);
+    assert!(!common::is_free(s.addr, "bg"));
+    // (`wait` would not wait: it returns at once for a stopped job.)
+    let jobs = common::children(term.shell.id() as i32);
+    term.typing("kill %1\n");
+    if wait_until(LIMIT, || common::is_free(s.addr, "bg")).is_none() {
+        term.typing("jobs -l; ps -o pid,ppid,pgid,stat,wchan:20,args -t $(tty)\n");
+        thread::sleep(Duration::from_secs(1));
+        panic!(
+            "not freed when the job was killed; the terminal: {}",
+            term.screen.lock().unwrap()
+        );
+    }
+    // bash tells of the job's end before its next prompt, once it has reaped `do`.
+    let reaped = wait_until(LIMIT, || {
+        jobs.iter().all(|&pid| common::proc_stat(pid).is_none())
+    });
+    assert!(reaped.is_some(), "{}", term.processes());
+    term.typing("true\n");
+    term.shows("Exit 143", at);
+}

@@ -19,8 +19,16 @@
 //!
 //! When `do` runs in the foreground of a terminal, the command's group is made the terminal's
 //! foreground group, so that the command can read the terminal and Ctrl-C reaches it directly.
+//! Job control then works as with any command: when the command stops (Ctrl-Z, or SIGTTIN from
+//! reading the terminal in the background), the guardian tells `do` through a pipe, and `do`
+//! takes the terminal back and stops itself with the same signal, so the shell sees the job
+//! stopped and gets the terminal. `fg` or `bg` continue `do`, which hands the terminal on again
+//! (`fg` only) and continues the group. The guardian itself never stops: it must stay able to
+//! reap the command and to notice `do`'s death. The lock stays held while the job is stopped,
+//! as flock's would.
 
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
@@ -38,7 +46,10 @@ const ORPHAN_SIGNAL: c_int = libc::SIGUSR2;
 pub struct Group {
     /// The guardian's pid, which is also the group id.
     pid: pid_t,
-    /// The group was given the terminal; it is taken back when the group ends.
+    /// `do` started in the foreground of a terminal: the group gets the terminal, and the
+    /// guardian reports the command's stops on this pipe (job control).
+    stops: Option<OwnedFd>,
+    /// The group has the terminal now; it is taken back when the group stops or ends.
     tty: bool,
     reaped: bool,
 }
@@ -62,17 +73,38 @@ impl Group {
             libc::getpid()
         };
         let tty = in_terminal_foreground();
+        let (stops, report_to) = if tty {
+            let (read, write) = stop_pipe()?;
+            (Some(read), Some(write))
+        } else {
+            (None, None)
+        };
+        let report_fd = report_to.as_ref().map_or(-1, |fd| fd.as_raw_fd());
         cmd.process_group(0);
         // SAFETY: the closure only makes async-signal-safe calls (see `split`).
         unsafe {
-            cmd.pre_exec(move || split(parent, tty, options));
+            cmd.pre_exec(move || split(parent, tty, report_fd, options));
         }
         let child = cmd.spawn()?;
+        drop(report_to);
         Ok(Group {
             pid: child.id() as pid_t,
+            stops,
             tty,
             reaped: false,
         })
+    }
+
+    /// Readable when the guardian has reported a stop of the command (job control only).
+    pub fn stops_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.stops.as_ref().map(|fd| fd.as_fd())
+    }
+
+    /// Passes a signal sent to `do` on to the group, followed by SIGCONT as systemd and the
+    /// shell's `kill` do, so that it takes effect on a stopped command too.
+    pub fn pass_on(&self, signal: c_int) {
+        self.signal(signal);
+        self.signal(libc::SIGCONT);
     }
 
     /// Sends `signal` to every process of the group (the guardian ignores it).
@@ -111,18 +143,75 @@ impl Group {
         }
     }
 
+    /// The stop signal if the guardian reported the command stopped, and it still is (a
+    /// report can be stale: a signal passed on since, with its SIGCONT, continues the command).
+    pub fn stopped(&mut self) -> Option<c_int> {
+        let fd = self.stops.as_ref()?;
+        let mut last = None;
+        let mut record = [0u8; STOP_RECORD];
+        // SAFETY: reads at most the record's size into a buffer owned by this frame; the
+        // descriptor is non-blocking.
+        while unsafe { libc::read(fd.as_raw_fd(), record.as_mut_ptr().cast(), STOP_RECORD) }
+            == STOP_RECORD as isize
+        {
+            let [p0, p1, p2, p3, s0, s1, s2, s3] = record;
+            last = Some((
+                pid_t::from_ne_bytes([p0, p1, p2, p3]),
+                c_int::from_ne_bytes([s0, s1, s2, s3]),
+            ));
+        }
+        let (command, signal) = last?;
+        process_stopped(command).then_some(signal)
+    }
+
+    /// The command stopped with `signal`: takes the terminal back and stops `do` the same way,
+    /// which tells the shell the job stopped. Returns once `do` is continued (`fg`, `bg`, or a
+    /// SIGCONT), having handed the terminal on if `do` is in the foreground again and continued
+    /// the group.
+    pub fn suspend(&mut self, signal: c_int) {
+        self.take_back_tty();
+        // SAFETY: sigaction only reads the current disposition into a value we own; raise
+        // stops this process (all its threads), and returns after SIGCONT.
+        unsafe {
+            let mut current = std::mem::zeroed::<libc::sigaction>();
+            libc::sigaction(signal, std::ptr::null(), &mut current);
+            let stop = if current.sa_sigaction == libc::SIG_DFL {
+                signal
+            } else {
+                libc::SIGSTOP
+            };
+            libc::raise(stop);
+        }
+        if in_terminal_foreground() {
+            with_sigttou_blocked(|| {
+                // SAFETY: plain system call on fd 0.
+                unsafe { libc::tcsetpgrp(0, self.pid) };
+            });
+            self.tty = true;
+        }
+        self.signal(libc::SIGCONT);
+    }
+
     fn take_back_tty(&mut self) {
         if std::mem::replace(&mut self.tty, false) {
-            // SAFETY: SIGTTOU is blocked around tcsetpgrp, as a shell does: from a background
-            // group the call would otherwise stop us.
-            unsafe {
-                let ttou = sigset(&[libc::SIGTTOU]);
-                let mut old = std::mem::zeroed::<libc::sigset_t>();
-                libc::pthread_sigmask(libc::SIG_BLOCK, &ttou, &mut old);
-                libc::tcsetpgrp(0, libc::getpgrp());
-                libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-            }
+            with_sigttou_blocked(|| {
+                // SAFETY: plain system calls on fd 0.
+                unsafe { libc::tcsetpgrp(0, libc::getpgrp()) };
+            });
         }
+    }
+}
+
+/// Runs `f` with SIGTTOU blocked, as a shell does around tcsetpgrp: from a background group the
+/// call would otherwise stop us.
+fn with_sigttou_blocked(f: impl FnOnce()) {
+    // SAFETY: the masks are valid sigset_t values owned by this frame.
+    unsafe {
+        let ttou = sigset(&[libc::SIGTTOU]);
+        let mut old = std::mem::zeroed::<libc::sigset_t>();
+        libc::pthread_sigmask(libc::SIG_BLOCK, &ttou, &mut old);
+        f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
     }
 }
 
@@ -145,6 +234,33 @@ fn exit_code(status: c_int) -> u8 {
     }
 }
 
+/// A stop report from the guardian: the command's pid and the stop signal, native endian.
+const STOP_RECORD: usize = 8;
+
+/// The pipe for stop reports: `do` reads without blocking, the guardian writes without
+/// blocking (a report that does not fit is dropped: `do` is not reading anyway).
+fn stop_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 fills the two descriptors, which the OwnedFds then own.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
+    }
+}
+
+/// Process `pid` is stopped now, from /proc/PID/stat (true if there is no /proc to tell).
+fn process_stopped(pid: pid_t) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        // Gone already, or no /proc.
+        return !std::path::Path::new("/proc/self/stat").exists();
+    };
+    // `pid (comm) STATE ...`: the name may hold spaces and parentheses; the last `)` ends it.
+    stat.rsplit_once(')')
+        .is_none_or(|(_, rest)| rest.trim_start().starts_with('T'))
+}
+
 /// Stdin is a terminal whose foreground group is ours: the command should get the terminal.
 fn in_terminal_foreground() -> bool {
     // SAFETY: plain system calls on fd 0.
@@ -153,7 +269,7 @@ fn in_terminal_foreground() -> bool {
 
 /// Runs in the forked child, which std has already made a group leader. Becomes the guardian
 /// and forks again; returns (to go on to exec) only in the command's process.
-fn split(parent: pid_t, tty: bool, options: Options) -> io::Result<()> {
+fn split(parent: pid_t, tty: bool, report_fd: RawFd, options: Options) -> io::Result<()> {
     // SAFETY: only async-signal-safe system calls, on values owned by this frame.
     unsafe {
         let all = {
@@ -188,21 +304,24 @@ fn split(parent: pid_t, tty: bool, options: Options) -> io::Result<()> {
                 libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
                 Ok(())
             }
-            command => guard(command, parent, options),
+            command => guard(command, parent, report_fd, options),
         }
     }
 }
 
-/// The guardian's life: wait for the command, and end the group if `do` dies.
+/// The guardian's life: wait for the command, report its stops on `report_fd` (job control;
+/// -1 without), and end the group if `do` dies.
 ///
 /// # Safety
 /// Must run in a freshly forked child with every signal blocked.
-unsafe fn guard(command: pid_t, parent: pid_t, options: Options) -> ! {
+unsafe fn guard(command: pid_t, parent: pid_t, report_fd: RawFd, options: Options) -> ! {
     // SAFETY (whole body): async-signal-safe system calls only.
     unsafe {
         // Nothing of `do`'s may stay open here: not the pipe through which std learns that exec
-        // succeeded, not the lock's socket, not a pipe someone reads `do`'s output from.
-        close_all_fds();
+        // succeeded, not the lock's socket, not a pipe someone reads `do`'s output from. Only
+        // the stop reports' pipe, moved to descriptor 0.
+        let job_control = report_fd >= 0 && libc::dup2(report_fd, 0) == 0;
+        close_all_fds(if job_control { 1 } else { 0 });
         let set = sigset(&[libc::SIGCHLD, ORPHAN_SIGNAL]);
         let mut orphaned = false;
         let mut kill_at: Option<Duration> = None;
@@ -231,8 +350,17 @@ unsafe fn guard(command: pid_t, parent: pid_t, options: Options) -> ! {
                     kill_at = Some(monotonic() + options.grace);
                 }
             }
+            // One SIGCHLD may stand for a stop and the end after it: look until nothing is new.
+            let flags = libc::WNOHANG | if job_control { libc::WUNTRACED } else { 0 };
             let mut status = 0;
-            if libc::waitpid(command, &mut status, libc::WNOHANG) == command {
+            while libc::waitpid(command, &mut status, flags) == command {
+                if libc::WIFSTOPPED(status) {
+                    let mut record = [0u8; STOP_RECORD];
+                    record[..4].copy_from_slice(&command.to_ne_bytes());
+                    record[4..].copy_from_slice(&libc::WSTOPSIG(status).to_ne_bytes());
+                    libc::write(0, record.as_ptr().cast(), STOP_RECORD);
+                    continue;
+                }
                 if orphaned && options.terminate_orphaned {
                     libc::kill(0, libc::SIGKILL); // what the command left behind
                 }
@@ -264,11 +392,12 @@ unsafe fn exit_like(status: c_int) -> ! {
     }
 }
 
-unsafe fn close_all_fds() {
+/// Closes every descriptor from `first` on.
+unsafe fn close_all_fds(first: u32) {
     // SAFETY: close_range and close are async-signal-safe system calls.
     unsafe {
-        if libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) != 0 {
-            for fd in 0..4096 {
+        if libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32) != 0 {
+            for fd in first as c_int..4096 {
                 libc::close(fd);
             }
         }

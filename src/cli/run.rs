@@ -307,6 +307,9 @@ fn supervise(
         if let Some(outcome) = run.ended()? {
             return Ok(outcome);
         }
+        if let Some(stop) = run.group.stopped() {
+            run.group.suspend(stop);
+        }
         if lock_readable {
             run.check_lock();
         }
@@ -334,6 +337,7 @@ impl Run<'_> {
         let mut fds = [
             signals::pollfd(Some(signals.as_fd())),
             signals::pollfd(lock_fd),
+            signals::pollfd(self.group.stops_fd()),
         ];
         let timeout = self
             .kill_at
@@ -353,7 +357,7 @@ impl Run<'_> {
                 signals::name(signal)
             );
         }
-        self.group.signal(signal);
+        self.group.pass_on(signal);
     }
 
     fn ended(&mut self) -> std::io::Result<Option<Outcome>> {
