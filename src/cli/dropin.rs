@@ -52,6 +52,12 @@ pub fn server(argv: Vec<OsString>) -> Result<u8, Fail> {
         .map_err(|e| Fail::new(EXIT_USAGE, &format!("cannot resolve {}: {e}", args.listen)))?
         .find(|a| a.is_ipv4())
         .ok_or_else(|| Fail::new(EXIT_USAGE, &format!("{} has no IPv4 address", args.listen)))?;
+    // 0.1.8 printed Python's text for a failed bind(), `[Errno 98] Address already in use`,
+    // and exited 2; scripts may look for it. Trying the address first keeps that exact text
+    // (the server binds again for real just after).
+    if let Err(e) = std::net::TcpListener::bind(addr) {
+        return Err(Fail::plain(EXIT_USAGE, &python_error(&e)));
+    }
     let mut server = vec![
         "tcpnetlock".to_owned(),
         "server".into(),

@@ -85,6 +85,7 @@ DROPIN_DIR = os.environ.get("TCPNETLOCK_DROPIN_DIR")
 DROPIN_MODULES = {
     "tcpnetlock.cli.tnl_do": "tcpnetlock_do",
     "tcpnetlock.cli.tnl_client": "tcpnetlock_client",
+    "tcpnetlock.cli.tnl_server": "tcpnetlock_server",
 }
 
 
