@@ -13,7 +13,7 @@ use crate::common::{ProcStatus, Server, cpu_secs};
 /// One cycle on a fresh connection: Ok(true) granted and released, Ok(false) not granted.
 pub type CycleFn = fn(SocketAddr, &str) -> Result<bool, String>;
 
-/// The cycle runs, in the order [`run_all`] makes them: (label, client threads, one name).
+/// The cycle runs, in the order [`run_interleaved`] makes them: (label, client threads, one name).
 pub const RUNS: [(&str, usize, bool); 4] = [
     ("1 thread", 1, false),
     ("4 threads", 4, false),
@@ -54,53 +54,101 @@ impl Cycles {
     pub fn client_us(&self) -> Option<f64> {
         (self.count() > 0).then_some(self.client_cpu? * 1e6 / self.count() as f64)
     }
+
+    /// Adds one slice of the same run. A CPU time is unknown once any slice's is.
+    fn add(&mut self, slice: Cycles) {
+        let first = self.secs == 0.0;
+        let sum = |total: Option<f64>, part: Option<f64>| {
+            if first {
+                part
+            } else {
+                total.zip(part).map(|(t, p)| t + p)
+            }
+        };
+        self.server_cpu = sum(self.server_cpu, slice.server_cpu);
+        self.client_cpu = sum(self.client_cpu, slice.client_cpu);
+        self.threads = slice.threads;
+        self.granted += slice.granted;
+        self.not_granted += slice.not_granted;
+        self.errors += slice.errors;
+        self.secs += slice.secs;
+        if self.first_error.is_none() {
+            self.first_error = slice.first_error;
+        }
+    }
 }
 
-/// The runs of [`RUNS`] against one server process, after a short warm-up: the 4-thread run
-/// lasts `main_secs`, the others 60% of it. Returns (label, result) in order.
-pub fn run_all(
-    server: &Server,
-    cycle: CycleFn,
+/// Slices each run is cut into, per server: the servers take turns slice by slice, so that a
+/// change in the machine's speed during the bench (other tenants of a VM, CPU frequency) falls
+/// on all of them alike instead of on whichever happened to run then.
+pub const SLICES: usize = 3;
+
+/// Pause between two slices: the previous server's connections finish closing.
+const BETWEEN_SLICES: Duration = Duration::from_millis(200);
+
+/// One server taking part in the cycle runs.
+pub struct Contender<'a> {
+    pub label: &'a str,
+    pub server: &'a Server,
+    pub cycle: CycleFn,
+}
+
+/// The runs of [`RUNS`] against every contender, after a short warm-up of each: for each run,
+/// [`SLICES`] rounds in which every contender runs one slice in turn. The 4-thread run lasts
+/// `main_secs` per contender, the others 60% of it. Returns, per contender, (label, result) in
+/// the order of [`RUNS`], each result the sum of its slices.
+pub fn run_interleaved(
+    contenders: &[Contender],
     main_secs: f64,
-    label: &str,
-) -> Vec<(&'static str, Cycles)> {
-    run(server.addr, cycle, 4, 0.5, false, "warm");
-    RUNS.iter()
-        .enumerate()
-        .map(|(i, &(row, threads, one_name))| {
-            let secs = if i == 1 { main_secs } else { main_secs * 0.6 };
-            let (s0, c0) = (server.cpu_secs(), cpu_secs("self"));
-            let mut r = run(
-                server.addr,
-                cycle,
-                threads,
-                secs,
-                one_name,
-                &format!("r{i}"),
-            );
-            r.server_cpu = server.cpu_secs().zip(s0).map(|(b, a)| b - a);
-            r.client_cpu = cpu_secs("self").zip(c0).map(|(b, a)| b - a);
-            eprintln!(
-                "bench: {label}: {row}: {:.0}/s ({} granted, {} not granted, {} errors)",
-                r.rate(),
-                r.granted,
-                r.not_granted,
-                r.errors
-            );
-            (row, r)
+) -> Vec<Vec<(&'static str, Cycles)>> {
+    for c in contenders {
+        run(c.server, c.cycle, 4, 0.5, false, "warm");
+    }
+    let mut results: Vec<Vec<(&'static str, Cycles)>> = contenders
+        .iter()
+        .map(|_| {
+            RUNS.iter()
+                .map(|&(row, ..)| (row, Cycles::default()))
+                .collect()
         })
-        .collect()
+        .collect();
+    for (i, &(row, threads, one_name)) in RUNS.iter().enumerate() {
+        let secs = if i == 1 { main_secs } else { main_secs * 0.6 } / SLICES as f64;
+        for slice in 0..SLICES {
+            for (c, result) in contenders.iter().zip(results.iter_mut()) {
+                thread::sleep(BETWEEN_SLICES);
+                let tag = format!("r{i}s{slice}");
+                let r = run(c.server, c.cycle, threads, secs, one_name, &tag);
+                eprintln!(
+                    "bench: {}: {row}, slice {}/{SLICES}: {:.0}/s ({} granted, {} not granted, \
+                     {} errors)",
+                    c.label,
+                    slice + 1,
+                    r.rate(),
+                    r.granted,
+                    r.not_granted,
+                    r.errors
+                );
+                result[i].1.add(r);
+            }
+        }
+    }
+    results
 }
 
-/// `threads` clients cycling for `secs`, every cycle a new name, or all on one name.
+/// `threads` clients cycling on `server` for `secs`, every cycle a new name, or all on one
+/// name. Counted: the cycles that ended within the `secs`, and the CPU times over them; a cycle
+/// still under way then (a client stuck in a connect retry, say) is finished but not counted,
+/// so that how long the stragglers take does not stretch the measured time.
 fn run(
-    addr: SocketAddr,
+    server: &Server,
     cycle: CycleFn,
     threads: usize,
     secs: f64,
     one_name: bool,
     tag: &str,
 ) -> Cycles {
+    let addr = server.addr;
     let stop = Arc::new(AtomicBool::new(false));
     let start = Arc::new(Barrier::new(threads + 1));
     let handles: Vec<_> = (0..threads)
@@ -112,7 +160,7 @@ fn run(
                 let mut name = String::with_capacity(64);
                 start.wait();
                 let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
+                while !stop.load(Ordering::Acquire) {
                     name.clear();
                     if one_name {
                         let _ = write!(name, "{tag}-hot");
@@ -120,7 +168,11 @@ fn run(
                         let _ = write!(name, "{tag}-{t}-{n}");
                     }
                     n += 1;
-                    match cycle(addr, &name) {
+                    let outcome = cycle(addr, &name);
+                    if stop.load(Ordering::Acquire) {
+                        break; // ended after the measured time
+                    }
+                    match outcome {
                         Ok(true) => r.granted += 1,
                         Ok(false) => r.not_granted += 1,
                         Err(e) => {
@@ -138,10 +190,18 @@ fn run(
         })
         .collect();
     start.wait();
+    let (s0, c0) = (server.cpu_secs(), cpu_secs("self"));
     let t0 = Instant::now();
     thread::sleep(Duration::from_secs_f64(secs));
-    stop.store(true, Ordering::Relaxed);
-    let mut total = Cycles::default();
+    let (s1, c1) = (server.cpu_secs(), cpu_secs("self"));
+    stop.store(true, Ordering::Release);
+    let mut total = Cycles {
+        secs: t0.elapsed().as_secs_f64(),
+        threads,
+        server_cpu: s1.zip(s0).map(|(b, a)| b - a),
+        client_cpu: c1.zip(c0).map(|(b, a)| b - a),
+        ..Cycles::default()
+    };
     for h in handles {
         let r = h.join().expect("client thread");
         total.granted += r.granted;
@@ -151,8 +211,6 @@ fn run(
             total.first_error = r.first_error;
         }
     }
-    total.secs = t0.elapsed().as_secs_f64();
-    total.threads = threads;
     total
 }
 

@@ -283,20 +283,20 @@ fn run(peers: &Peers, s: &Settings) -> Results {
         .map(|(venv, _)| LineServer::Python(venv.clone()));
     let mut problems = Vec::new();
 
-    // 1. Cycles, one fresh server process each.
+    // 1. Cycles: one fresh process of each server, all started first, taking turns.
     let mut rust_runs = ServerRuns::default();
     let mut py_runs = python.as_ref().map(|_| ServerRuns::default());
     let mut redis_runs = peers.redis.as_ref().ok().map(|_| ServerRuns::default());
     if s.part("cycles") {
-        rust_runs = cycle_runs("tcpnetlock", rust.start(), line::cycle, s);
-        py_runs = python
-            .as_ref()
-            .map(|p| cycle_runs("tcpnetlock 0.1.8", p.start(), line::cycle, s));
-        redis_runs = peers
-            .redis
-            .as_ref()
-            .ok()
-            .map(|bin| cycle_runs("Redis", redis::start(bin), redis::cycle, s));
+        let mut entrants: Vec<(&str, CycleFn, Result<Server, String>, &mut ServerRuns)> =
+            vec![("tcpnetlock", line::cycle, rust.start(), &mut rust_runs)];
+        if let (Some(p), Some(runs)) = (python.as_ref(), py_runs.as_mut()) {
+            entrants.push(("tcpnetlock 0.1.8", line::cycle, p.start(), runs));
+        }
+        if let (Ok(bin), Some(runs)) = (peers.redis.as_ref(), redis_runs.as_mut()) {
+            entrants.push(("Redis", redis::cycle, redis::start(bin), runs));
+        }
+        cycle_runs(entrants, s);
     }
 
     // 2. Hand-off, fresh servers.
@@ -353,31 +353,45 @@ fn run(peers: &Peers, s: &Settings) -> Results {
     }
 }
 
+/// The cycle runs of every server that started, interleaved (see [`cycles::run_interleaved`]);
+/// a server that did not start or died has it noted in its problems.
 fn cycle_runs(
-    label: &str,
-    server: Result<Server, String>,
-    cycle: CycleFn,
+    entrants: Vec<(&str, CycleFn, Result<Server, String>, &mut ServerRuns)>,
     s: &Settings,
-) -> ServerRuns {
-    let mut runs = ServerRuns::default();
-    match server {
-        Err(e) => runs.problems.push(format!("cycles: {e}")),
-        Ok(mut server) => {
-            eprintln!("bench: {label}: cycles on {}", server.addr);
-            runs.cycles = cycles::run_all(&server, cycle, s.main_secs, label);
-            for (row, r) in &runs.cycles {
-                if let Some(e) = &r.first_error {
-                    runs.problems
-                        .push(format!("cycles, {row}: {} errors, first: {e}", r.errors));
-                }
-            }
-            if !server.alive() {
-                runs.problems
-                    .push(server.failure("died during the cycle runs"));
+) {
+    let mut running = Vec::new();
+    for (label, cycle, server, runs) in entrants {
+        match server {
+            Err(e) => runs.problems.push(format!("cycles: {e}")),
+            Ok(server) => {
+                eprintln!("bench: {label}: cycles on {}", server.addr);
+                running.push((label, cycle, server, runs));
             }
         }
     }
-    runs
+    let contenders: Vec<_> = running
+        .iter()
+        .map(|(label, cycle, server, _)| cycles::Contender {
+            label,
+            server,
+            cycle: *cycle,
+        })
+        .collect();
+    let results = cycles::run_interleaved(&contenders, s.main_secs);
+    drop(contenders);
+    for ((_, _, mut server, runs), cycles) in running.into_iter().zip(results) {
+        for (row, r) in &cycles {
+            if let Some(e) = &r.first_error {
+                runs.problems
+                    .push(format!("cycles, {row}: {} errors, first: {e}", r.errors));
+            }
+        }
+        runs.cycles = cycles;
+        if !server.alive() {
+            runs.problems
+                .push(server.failure("died during the cycle runs"));
+        }
+    }
 }
 
 /// `measure` on a fresh tcpnetlock server; None (and a problem) if it cannot start.
@@ -694,13 +708,17 @@ fn ratio_cell(a: Option<&Cycles>, b: Option<&Cycles>, target: Option<f64>) -> St
 
 fn cycles_section(r: &Results) -> String {
     let (rust, py, redis) = (Some(&r.rust), r.python.as_ref(), r.redis.as_ref());
-    let mut out = String::from(
+    let mut out = format!(
         "\n### Lock+release cycles per second, a fresh connection per cycle\n\n\
          tcpnetlock and 0.1.8: connect, `lock,name:N`, `ok`, `release`, `released`, the \
          server's end of file, close. Redis: connect, `SET N holder NX PX 30000`, `+OK`, `DEL N` \
          and `QUIT` in one write, `:1`, `+OK`, the server's end of file, close: two round trips \
          each, and the server closes first in both. Every cycle a new name; \"one name\": all \
-         threads race for one name, and a refusal counts as a cycle.\n\n",
+         threads race for one name, and a refusal counts as a cycle. The three servers run \
+         side by side and take turns: each run is cut into {} slices per server, taken in the \
+         order tcpnetlock, 0.1.8, Redis, tcpnetlock, ..., so that the machine's changes of \
+         speed fall on all three alike; the numbers are over all slices.\n\n",
+        cycles::SLICES
     );
     let rows: Vec<Vec<String>> = cycles::RUNS
         .iter()
