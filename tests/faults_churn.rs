@@ -495,10 +495,20 @@ fn check(text: &str, kills: &[(u64, u64)]) -> String {
         }
         events.sort();
         let mut open: Vec<usize> = Vec::new();
+        // A hold killed the instant it read `ok` ends at its own start stamp, and its end sorts
+        // first: then its start is not counted either.
+        let mut ended_before_start: Vec<usize> = Vec::new();
         let mut deepest = 0;
         for (t, delta, i) in events {
             if delta < 0 {
-                open.retain(|&o| o != i);
+                if open.contains(&i) {
+                    open.retain(|&o| o != i);
+                } else {
+                    ended_before_start.push(i);
+                }
+                continue;
+            }
+            if ended_before_start.contains(&i) {
                 continue;
             }
             open.push(i);
@@ -621,4 +631,39 @@ fn check(text: &str, kills: &[(u64, u64)]) -> String {
         killed_half_closed,
         longest_wait as f64 / 1e9
     )
+}
+
+/// The checker's own tests: records padded as `record` writes them.
+fn records(lines: &[&str]) -> String {
+    lines
+        .iter()
+        .map(|l| format!("{l:<width$}\n", width = RECORD - 1))
+        .collect()
+}
+
+#[test]
+fn the_check_sees_two_holders_of_a_mutex() {
+    let text = records(&[
+        "G 1 m0 1 10 100 200",
+        "G 2 m0 1 11 150 300",
+        "E 1 10 400 R",
+        "E 2 11 500 R",
+    ]);
+    let outcome = std::panic::catch_unwind(|| check(&text, &[]));
+    let message = *outcome
+        .expect_err("overlap not seen")
+        .downcast::<String>()
+        .unwrap();
+    assert!(
+        message.contains("m0 (max 1) had 2 holders at once"),
+        "{message}"
+    );
+}
+
+#[test]
+fn the_check_takes_a_hold_killed_as_it_read_ok_as_ended_there() {
+    // Worker 1 was stamped killed at 150, read `ok` at 200 before the signal landed: its hold
+    // is [200, 200]; worker 2's grant after it is no overlap.
+    let text = records(&["G 1 m0 1 10 100 200", "G 2 m0 1 11 150 300", "E 2 11 400 R"]);
+    check(&text, &[(1, 150)]);
 }
