@@ -146,14 +146,21 @@ impl Group {
     /// The stop signal if the guardian reported the command stopped, and it still is (a
     /// report can be stale: a signal passed on since, with its SIGCONT, continues the command).
     pub fn stopped(&mut self) -> Option<c_int> {
-        let fd = self.stops.as_ref()?;
+        let fd = self.stops.as_ref()?.as_raw_fd();
         let mut last = None;
         let mut record = [0u8; STOP_RECORD];
-        // SAFETY: reads at most the record's size into a buffer owned by this frame; the
-        // descriptor is non-blocking.
-        while unsafe { libc::read(fd.as_raw_fd(), record.as_mut_ptr().cast(), STOP_RECORD) }
-            == STOP_RECORD as isize
-        {
+        loop {
+            // SAFETY: reads at most the record's size into a buffer owned by this frame; the
+            // descriptor is non-blocking.
+            let n = unsafe { libc::read(fd, record.as_mut_ptr().cast(), STOP_RECORD) };
+            if n == 0 {
+                // The guardian is gone (its end is reported by `try_wait`): stop watching a
+                // pipe that would now be readable forever.
+                self.stops = None;
+            }
+            if n != STOP_RECORD as isize {
+                break;
+            }
             let [p0, p1, p2, p3, s0, s1, s2, s3] = record;
             last = Some((
                 pid_t::from_ne_bytes([p0, p1, p2, p3]),
