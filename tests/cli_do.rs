@@ -229,6 +229,45 @@ fn bad_options_are_2() {
 }
 
 #[test]
+fn max_lets_that_many_commands_run_at_once() {
+    let s = Server::start(&[]);
+    let (d1, d2) = (TempDir::new("do-max-1"), TempDir::new("do-max-2"));
+    let args = ["--max", "2", "--lock-name", "sem"];
+    let (mut first, _) = start_marked(&s, &d1, &args, "sleep 30");
+    let (mut second, _) = start_marked(&s, &d2, &args, "sleep 30");
+    // Full: a third is refused, quietly, as for a mutex.
+    assert_eq!(
+        run(&s, &["--max", "2", "--lock-name", "sem", "--", "true"]),
+        (123, String::new(), String::new())
+    );
+    // A different N for the same name is a mistake, and said so.
+    let (code, _, err) = run(&s, &["--lock-name", "sem", "--", "true"]);
+    assert_eq!(code, 123);
+    assert!(
+        err.contains("max mismatch: sem is held with max:2"),
+        "{err}"
+    );
+    // A place frees up: the next one runs.
+    signal(first.pid(), libc::SIGTERM);
+    assert_eq!(first.finish(LIMIT).0, 143);
+    assert_eq!(
+        run(&s, &["--max", "2", "--lock-name", "sem", "--", "true"]).0,
+        0
+    );
+    signal(second.pid(), libc::SIGTERM);
+    second.finish(LIMIT);
+    // Out of range: a usage error before anything is sent.
+    assert_eq!(
+        run(&s, &["--max", "0", "--lock-name", "sem", "--", "true"]).0,
+        2
+    );
+    assert_eq!(
+        run(&s, &["--max", "65536", "--lock-name", "sem", "--", "true"]).0,
+        2
+    );
+}
+
+#[test]
 fn the_command_sees_the_lock_name_and_token() {
     let s = Server::start(&[]);
     let show = "echo name=$TCPNETLOCK_LOCK_NAME token=${TCPNETLOCK_TOKEN-unset}";

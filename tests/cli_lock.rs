@@ -76,6 +76,28 @@ fn term_int_and_hup_release_and_exit_0() {
 }
 
 #[test]
+fn max_shares_the_name_between_that_many_holders() {
+    let s = Server::start(&[]);
+    let mut first = hold(&s, &["--max", "2", "pool"]);
+    let second = hold(&s, &["--max", "2", "pool"]);
+    assert_eq!(
+        (first.stdout(), second.stdout()),
+        ("ok\n".into(), "ok\n".into())
+    );
+    let (code, out, _) = run_within(&mut tnl_lock(s.addr.port(), &["--max", "2", "pool"]), LIMIT);
+    assert_eq!((code, out.as_str()), (123, "not-granted\n"));
+    let (code, out, _) = run_within(&mut tnl_lock(s.addr.port(), &["--max", "3", "pool"]), LIMIT);
+    assert_eq!(
+        (code, out.as_str()),
+        (123, "err,max mismatch: pool is held with max:2\n")
+    );
+    drop(first.child.stdin.take());
+    assert_eq!(first.finish(LIMIT).0, 0);
+    let third = hold(&s, &["--max", "2", "pool"]);
+    assert_eq!(third.stdout(), "ok\n");
+}
+
+#[test]
 fn not_granted_prints_not_granted_and_exits_123() {
     let s = Server::start(&[]);
     let (_holder, _) = try_lock(s.addr, "taken");

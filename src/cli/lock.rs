@@ -46,6 +46,11 @@ pub struct LockArgs {
     #[arg(long, value_name = "ID", env = "TCPNETLOCK_CLIENT_ID")]
     client_id: Option<String>,
 
+    /// Let up to N holders share the name (a counting semaphore); everyone using the name must
+    /// give the same N.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65535))]
+    max: Option<u32>,
+
     /// Ask for a fencing token: the first line is then `ok,token:N`.
     #[arg(long)]
     fencing: bool,
@@ -72,6 +77,9 @@ pub fn run(args: LockArgs) -> Result<u8, Fail> {
     }
     if let Some(id) = &args.client_id {
         client = client.client_id(id);
+    }
+    if let Some(max) = args.max {
+        client = client.max(max);
     }
     let lock = match client.lock(&args.name) {
         Ok(lock) => lock,

@@ -68,6 +68,11 @@ pub struct RunArgs {
     #[arg(short = 'E', long, value_name = "N")]
     conflict_exit_code: Option<u8>,
 
+    /// Let up to N commands hold the lock at once (a counting semaphore, as `consul lock -n`);
+    /// everyone using the name must give the same N.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65535))]
+    max: Option<u32>,
+
     /// Ask for a fencing token and pass it to the command as TCPNETLOCK_TOKEN.
     #[arg(long)]
     fencing: bool,
@@ -155,6 +160,9 @@ impl RunArgs {
         }
         if let Some(ttl) = self.ttl {
             client = client.ttl(ttl);
+        }
+        if let Some(max) = self.max {
+            client = client.max(max);
         }
         if self.keep_alive {
             if self.keep_alive_secs.is_zero() {
