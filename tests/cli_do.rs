@@ -926,3 +926,30 @@ fn bg_and_kill_on_a_stopped_job() {
     term.typing("true\n");
     term.shows("Exit 143", at);
 }
+
+/// Started in the background (`&`), the job stops when the command reads the terminal, as
+/// `cat &` would, and `fg` gives it the terminal.
+#[test]
+fn a_background_job_stops_on_reading_the_terminal_and_fg_gives_it() {
+    let s = Server::start(&[]);
+    let mut term = Terminal::bash();
+    term.typing("echo ready-$((1+1))\n");
+    let at = term.shows("ready-2", 0);
+    term.typing(&format!(
+        "{BIN} do --host 127.0.0.1 --port {} --lock-name amp -- \
+         sh -c 'read x; echo got:$x$x' &\n",
+        s.addr.port()
+    ));
+    assert!(wait_until(LIMIT, || !common::is_free(s.addr, "amp")).is_some());
+    term.typing("sleep 1; jobs -l\n");
+    let at = term.shows("Stopped (tty input)", at);
+    term.typing("fg\n");
+    term.typing("typed\n");
+    let at = term.shows("got:typedtyped", at);
+    term.typing("echo status-$?-end\n");
+    term.shows("status-0-end", at);
+    assert!(
+        common::is_free(s.addr, "amp"),
+        "released after the job ended"
+    );
+}

@@ -19,7 +19,7 @@
 //!
 //! When `do` runs in the foreground of a terminal, the command's group is made the terminal's
 //! foreground group, so that the command can read the terminal and Ctrl-C reaches it directly.
-//! Job control then works as with any command: when the command stops (Ctrl-Z, or SIGTTIN from
+//! On its terminal, in the foreground or not, job control works as with any command: when the command stops (Ctrl-Z, or SIGTTIN from
 //! reading the terminal in the background), the guardian tells `do` through a pipe, and `do`
 //! takes the terminal back and stops itself with the same signal, so the shell sees the job
 //! stopped and gets the terminal. `fg` or `bg` continue `do`, which hands the terminal on again
@@ -46,8 +46,8 @@ const ORPHAN_SIGNAL: c_int = libc::SIGUSR2;
 pub struct Group {
     /// The guardian's pid, which is also the group id.
     pid: pid_t,
-    /// `do` started in the foreground of a terminal: the group gets the terminal, and the
-    /// guardian reports the command's stops on this pipe (job control).
+    /// `do` runs on its controlling terminal (in the foreground or not): the guardian reports
+    /// the command's stops on this pipe (job control).
     stops: Option<OwnedFd>,
     /// The group has the terminal now; it is taken back when the group stops or ends.
     tty: bool,
@@ -73,7 +73,7 @@ impl Group {
             libc::getpid()
         };
         let tty = in_terminal_foreground();
-        let (stops, report_to) = if tty {
+        let (stops, report_to) = if on_our_terminal() {
             let (read, write) = stop_pipe()?;
             (Some(read), Some(write))
         } else {
@@ -266,6 +266,13 @@ fn process_stopped(pid: pid_t) -> bool {
     // `pid (comm) STATE ...`: the name may hold spaces and parentheses; the last `)` ends it.
     stat.rsplit_once(')')
         .is_none_or(|(_, rest)| rest.trim_start().starts_with('T'))
+}
+
+/// Stdin is our session's controlling terminal: the shell that started us does job control
+/// there (a shell without it gives background commands /dev/null as stdin).
+fn on_our_terminal() -> bool {
+    // SAFETY: plain system calls on fd 0.
+    unsafe { libc::isatty(0) == 1 && libc::tcgetsid(0) == libc::getsid(0) }
 }
 
 /// Stdin is a terminal whose foreground group is ours: the command should get the terminal.
