@@ -846,24 +846,50 @@ impl Drop for Terminal {
     }
 }
 
+impl Terminal {
+    /// A bash with `do` started in it on lock `name` (in the background with `&`), once the
+    /// command has said `started`; and where the screen was then. The command then reads a
+    /// line from the terminal and prints it twice. Only built-ins: a Ctrl-Z between dash's
+    /// vfork and exec leaves dash unstoppable (it waits for the stopped child in the kernel),
+    /// with or without `do`.
+    fn with_job(s: &Server, name: &str, background: bool) -> (Terminal, usize) {
+        let mut term = Terminal::bash();
+        // What the shell prints, not what it echoes: the typed lines never contain the words
+        // awaited ("st""arted" is echoed as typed, printed as `started`).
+        term.typing("echo ready-$((1+1))\n");
+        let at = term.shows("ready-2", 0);
+        term.typing(&format!(
+            "{BIN} do --host 127.0.0.1 --port {} --lock-name {name} -- \
+             sh -c 'echo st\"\"arted; read x; echo got:$x$x' {}\n",
+            s.addr.port(),
+            if background { "&" } else { "" }
+        ));
+        let at = term.shows("started", at);
+        assert!(!common::is_free(s.addr, name));
+        (term, at)
+    }
+
+    /// `fg`, and a line typed for the command: it reads it (a background group's `read` would
+    /// stop it again), the job ends with status 0, and the lock is free.
+    fn fg_answers(&mut self, s: &Server, name: &str, at: usize) {
+        self.typing("fg\n");
+        self.typing("typed\n");
+        let at = self.shows("got:typedtyped", at);
+        self.typing("echo status-$?-end\n");
+        self.shows("status-0-end", at);
+        assert!(
+            common::is_free(s.addr, name),
+            "released after the job ended"
+        );
+    }
+}
+
 /// Ctrl-Z works as on any command: the job stops, the shell gets the terminal back, the lock
 /// stays held, and `fg` hands the terminal to the command again.
 #[test]
 fn ctrl_z_stops_the_job_and_fg_resumes_it() {
     let s = Server::start(&[]);
-    let mut term = Terminal::bash();
-    // What the shell prints, not what it echoes: the typed lines never contain the words
-    // awaited ("st""arted" is echoed as typed, printed as `started`).
-    term.typing("echo ready-$((1+1))\n");
-    let at = term.shows("ready-2", 0);
-    term.typing(&format!(
-        "{BIN} do --host 127.0.0.1 --port {} --lock-name tstp -- \
-         sh -c 'echo st\"\"arted; read x; echo got:$x$x'\n",
-        s.addr.port()
-    ));
-    let at = term.shows("started", at);
-    assert!(!common::is_free(s.addr, "tstp"));
-
+    let (mut term, at) = Terminal::with_job(&s, "tstp", false);
     term.typing("\x1a");
     let at = term.shows("Stopped", at);
     term.typing("echo back-$((2+3))\n");
@@ -872,17 +898,7 @@ fn ctrl_z_stops_the_job_and_fg_resumes_it() {
         !common::is_free(s.addr, "tstp"),
         "the lock is held while stopped"
     );
-
-    term.typing("fg\n");
-    // `read` from a background group would stop the command again (SIGTTIN).
-    term.typing("typed\n");
-    let at = term.shows("got:typedtyped", at);
-    term.typing("echo status-$?-end\n");
-    term.shows("status-0-end", at);
-    assert!(
-        common::is_free(s.addr, "tstp"),
-        "released after the job ended"
-    );
+    term.fg_answers(&s, "tstp", at);
 }
 
 /// `bg` continues the job without the terminal: the command reading it stops again (SIGTTIN),
@@ -890,17 +906,7 @@ fn ctrl_z_stops_the_job_and_fg_resumes_it() {
 #[test]
 fn bg_and_kill_on_a_stopped_job() {
     let s = Server::start(&[]);
-    let mut term = Terminal::bash();
-    term.typing("echo ready-$((1+1))\n");
-    let at = term.shows("ready-2", 0);
-    // Only built-ins: a Ctrl-Z between dash's vfork and exec leaves dash unstoppable (it waits
-    // for the stopped child in the kernel), with or without `do`.
-    term.typing(&format!(
-        "{BIN} do --host 127.0.0.1 --port {} --lock-name bg -- \
-         sh -c 'echo st\"\"arted; read x; echo got:$x$x'\n",
-        s.addr.port()
-    ));
-    let at = term.shows("started", at);
+    let (mut term, at) = Terminal::with_job(&s, "bg", false);
     term.typing("\x1a");
     let at = term.shows("Stopped", at);
     // `jobs -l` names the stop signal (the notices and `jobs` say only "Stopped").
@@ -910,14 +916,8 @@ fn bg_and_kill_on_a_stopped_job() {
     // (`wait` would not wait: it returns at once for a stopped job.)
     let jobs = common::children(term.shell.id() as i32);
     term.typing("kill %1\n");
-    if wait_until(LIMIT, || common::is_free(s.addr, "bg")).is_none() {
-        term.typing("jobs -l; ps -o pid,ppid,pgid,stat,wchan:20,args -t $(tty)\n");
-        thread::sleep(Duration::from_secs(1));
-        panic!(
-            "not freed when the job was killed; the terminal: {}",
-            term.screen.lock().unwrap()
-        );
-    }
+    let freed = wait_until(LIMIT, || common::is_free(s.addr, "bg"));
+    assert!(freed.is_some(), "not freed: {}", term.processes());
     // bash tells of the job's end before its next prompt, once it has reaped `do`.
     let reaped = wait_until(LIMIT, || {
         jobs.iter().all(|&pid| common::proc_stat(pid).is_none())
@@ -932,24 +932,8 @@ fn bg_and_kill_on_a_stopped_job() {
 #[test]
 fn a_background_job_stops_on_reading_the_terminal_and_fg_gives_it() {
     let s = Server::start(&[]);
-    let mut term = Terminal::bash();
-    term.typing("echo ready-$((1+1))\n");
-    let at = term.shows("ready-2", 0);
-    term.typing(&format!(
-        "{BIN} do --host 127.0.0.1 --port {} --lock-name amp -- \
-         sh -c 'read x; echo got:$x$x' &\n",
-        s.addr.port()
-    ));
-    assert!(wait_until(LIMIT, || !common::is_free(s.addr, "amp")).is_some());
+    let (mut term, at) = Terminal::with_job(&s, "amp", true);
     term.typing("sleep 1; jobs -l\n");
     let at = term.shows("Stopped (tty input)", at);
-    term.typing("fg\n");
-    term.typing("typed\n");
-    let at = term.shows("got:typedtyped", at);
-    term.typing("echo status-$?-end\n");
-    term.shows("status-0-end", at);
-    assert!(
-        common::is_free(s.addr, "amp"),
-        "released after the job ended"
-    );
+    term.fg_answers(&s, "amp", at);
 }
