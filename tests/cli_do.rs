@@ -937,3 +937,28 @@ fn a_background_job_stops_on_reading_the_terminal_and_fg_gives_it() {
     let at = term.shows("Stopped (tty input)", at);
     term.fg_answers(&s, "amp", at);
 }
+
+/// `do` inside a script run from the terminal: Ctrl-Z stops the script too (as it would
+/// without `do`), so the interactive shell gets its prompt back; `fg` resumes both.
+#[test]
+fn ctrl_z_stops_a_script_that_runs_do() {
+    let s = Server::start(&[]);
+    let mut term = Terminal::bash();
+    term.typing("echo ready-$((1+1))\n");
+    let at = term.shows("ready-2", 0);
+    // The script's shell has no job control: it, `do` and the rest share one process group.
+    term.typing(&format!(
+        "sh -c '{BIN} do --host 127.0.0.1 --port {} --lock-name scr -- \
+         sh -c \"echo st\\\"\\\"arted; read x; echo got:\\$x\\$x\"; echo aft\"\"er-do'\n",
+        s.addr.port()
+    ));
+    let at = term.shows("started", at);
+    term.typing("\x1a");
+    let at = term.shows("Stopped", at);
+    term.typing("echo back-$((2+3))\n");
+    let at = term.shows("back-5", at);
+    term.typing("fg\n");
+    term.typing("typed\n");
+    term.shows("got:typedtyped\r\nafter-do", at);
+    assert!(common::is_free(s.addr, "scr"));
+}

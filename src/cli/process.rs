@@ -171,14 +171,19 @@ impl Group {
         process_stopped(command).then_some(signal)
     }
 
-    /// The command stopped with `signal`: takes the terminal back and stops `do` the same way,
-    /// which tells the shell the job stopped. Returns once `do` is continued (`fg`, `bg`, or a
-    /// SIGCONT), having handed the terminal on if `do` is in the foreground again and continued
-    /// the group.
+    /// The command stopped with `signal`: takes the terminal back and stops `do`'s own process
+    /// group the same way, `do` with it, which tells the shell the job stopped. The whole group,
+    /// as the terminal would have stopped it without `do`: the rest of a pipeline (`do ... |
+    /// tee log`), or the shell of a script that runs `do`, must stop too, or the shell waiting
+    /// for them would not get the terminal back. Returns once `do` is continued (`fg`, `bg`, or
+    /// a SIGCONT), having handed the terminal on if `do` is in the foreground again and
+    /// continued the command's group.
     pub fn suspend(&mut self, signal: c_int) {
         self.take_back_tty();
-        // SAFETY: sigaction only reads the current disposition into a value we own; raise
-        // stops this process (all its threads), and returns after SIGCONT.
+        // SAFETY: sigaction only reads the current disposition into a value we own. kill(0)
+        // signals our process group; a signal to the sending process that it does not block
+        // (the other threads block everything) is delivered before kill returns: the stop,
+        // which ends at SIGCONT.
         unsafe {
             let mut current = std::mem::zeroed::<libc::sigaction>();
             libc::sigaction(signal, std::ptr::null(), &mut current);
@@ -187,7 +192,7 @@ impl Group {
             } else {
                 libc::SIGSTOP
             };
-            libc::raise(stop);
+            libc::kill(0, stop);
         }
         if in_terminal_foreground() {
             with_sigttou_blocked(|| {
