@@ -19,13 +19,14 @@
 //!
 //! When `do` runs in the foreground of a terminal, the command's group is made the terminal's
 //! foreground group, so that the command can read the terminal and Ctrl-C reaches it directly.
-//! On its terminal, in the foreground or not, job control works as with any command: when the command stops (Ctrl-Z, or SIGTTIN from
-//! reading the terminal in the background), the guardian tells `do` through a pipe, and `do`
-//! takes the terminal back and stops itself with the same signal, so the shell sees the job
+//! On its terminal, in the foreground or not, job control works as with any command: when the
+//! command stops (Ctrl-Z, or SIGTTIN from reading the terminal in the background), the guardian
+//! tells `do` through a pipe, and `do` takes the terminal back and stops its own process group
+//! (itself, and a script or pipeline around it) with the same signal, so the shell sees the job
 //! stopped and gets the terminal. `fg` or `bg` continue `do`, which hands the terminal on again
-//! (`fg` only) and continues the group. The guardian itself never stops: it must stay able to
-//! reap the command and to notice `do`'s death. The lock stays held while the job is stopped,
-//! as flock's would.
+//! (`fg` only) and continues the command's group. The guardian itself never stops: it must stay
+//! able to reap the command and to notice `do`'s death. The lock stays held while the job is
+//! stopped, as flock's would.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
