@@ -178,12 +178,15 @@ fn the_readme_coproc_recipe_works() {
         r#"
         export TCPNETLOCK_HOST=127.0.0.1 TCPNETLOCK_PORT={port}
         coproc LOCK {{ {BIN} lock build-cache; }}
-        read -r reply <&"${{LOCK[0]}}"
+        lock_pid=$LOCK_PID lock_in=${{LOCK[1]}}
+        {{ read -r reply <&"${{LOCK[0]}}"; }} 2>/dev/null
         [ "$reply" = ok ] || exit 9
         echo "reply=$reply"
         {BIN} locks | grep -q '^build-cache ' && echo held
-        exec {{LOCK[1]}}>&-
-        wait "$LOCK_PID"; echo "status=$?"
+        exec {{lock_in}}>&-
+        # Let bash reap the coprocess first, as a slow script would: the saved pid still works.
+        sleep 0.3
+        wait "$lock_pid"; echo "status=$?"
         {BIN} do --lock-name build-cache -- echo free-again
         "#,
         port = s.addr.port()
@@ -191,6 +194,29 @@ fn the_readme_coproc_recipe_works() {
     let (code, out, err) = run_within(Command::new("bash").arg("-c").arg(script), LIMIT);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(out, "reply=ok\nheld\nstatus=0\nfree-again\n", "{err}");
+}
+
+#[test]
+fn the_readme_coproc_recipe_takes_the_busy_branch_when_not_granted() {
+    let s = Server::start(&[]);
+    let (_holder, _) = try_lock(s.addr, "build-cache");
+    let script = format!(
+        r#"
+        export TCPNETLOCK_HOST=127.0.0.1 TCPNETLOCK_PORT={port}
+        coproc LOCK {{ {BIN} lock build-cache; }}
+        lock_pid=$LOCK_PID lock_in=${{LOCK[1]}}
+        sleep 0.3   # `lock` has exited and bash has closed its descriptors
+        {{ read -r reply <&"${{LOCK[0]}}"; }} 2>/dev/null
+        [ "$reply" = ok ] || {{ echo "build cache busy"; wait "$lock_pid"; echo "status=$?"; exit 1; }}
+        echo "not reached"
+        "#,
+        port = s.addr.port()
+    );
+    let (code, out, err) = run_within(Command::new("bash").arg("-c").arg(script), LIMIT);
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (1, "build cache busy\nstatus=123\n", "")
+    );
 }
 
 #[test]

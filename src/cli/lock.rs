@@ -2,10 +2,12 @@
 //! signal comes, or the lock is lost. Made for shells:
 //!
 //! ```sh
-//! coproc tcpnetlock lock build-cache
-//! read -r reply <&"${COPROC[0]}"        # ok
+//! coproc LOCK { tcpnetlock lock build-cache; }
+//! lock_pid=$LOCK_PID lock_in=${LOCK[1]}  # bash unsets both once the coprocess has ended
+//! { read -r reply <&"${LOCK[0]}"; } 2>/dev/null   # ok
 //! ...
-//! exec {COPROC[1]}>&-                     # stdin ends: released
+//! exec {lock_in}>&-                      # stdin ends: released
+//! wait "$lock_pid"
 //! ```
 //!
 //! stdout carries one line, the server's answer (`ok`, `ok,token:N`, `not-granted`, or its
