@@ -18,8 +18,9 @@
 //! entry carries an opaque handle `H` that the server uses to reach the connection (the table
 //! only hands it back in events).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Tokens a run may issue before it must store a new reservation (see [`first_token`]).
@@ -44,7 +45,7 @@ pub struct ConnId(pub u64);
 #[derive(Debug, Clone)]
 pub struct LockRequest<H> {
     pub conn: ConnId,
-    pub client_id: Option<Box<str>>,
+    pub client_id: Option<Arc<str>>,
     pub peer: Option<SocketAddr>,
     /// Holders allowed at once: 1 for a plain lock, K for `max:K`.
     pub max: u32,
@@ -107,7 +108,7 @@ pub struct Counters {
 /// A holder, as `.locks` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HolderInfo {
-    pub client_id: Option<Box<str>>,
+    pub client_id: Option<Arc<str>>,
     pub peer: Option<SocketAddr>,
     pub held_for: Duration,
     pub token: u64,
@@ -125,8 +126,7 @@ pub struct LockInfo {
 
 #[derive(Debug)]
 struct Holder<H> {
-    conn: ConnId,
-    client_id: Option<Box<str>>,
+    client_id: Option<Arc<str>>,
     peer: Option<SocketAddr>,
     since: Instant,
     token: u64,
@@ -137,18 +137,50 @@ struct Holder<H> {
 #[derive(Debug)]
 struct Waiter<H> {
     conn: ConnId,
-    client_id: Option<Box<str>>,
+    client_id: Option<Arc<str>>,
     peer: Option<SocketAddr>,
     deadline: Instant,
     ttl: Option<Duration>,
     handle: H,
 }
 
+/// One name's holders and queue. Holders are keyed by connection and waiters by arrival, so that
+/// finding, adding or removing one costs the same for a semaphore of 10,000 as for a mutex:
+/// every operation happens under the server's one table mutex, and its neighbours wait for it.
 #[derive(Debug)]
 struct Entry<H> {
     max: u32,
-    holders: Vec<Holder<H>>,
-    queue: VecDeque<Waiter<H>>,
+    holders: HashMap<ConnId, Holder<H>>,
+    /// Waiters by arrival number: the first is the longest waiting.
+    queue: BTreeMap<u64, Waiter<H>>,
+    /// Each waiter's arrival number, to find it in `queue`.
+    arrivals: HashMap<ConnId, u64>,
+}
+
+impl<H> Entry<H> {
+    fn new(max: u32) -> Entry<H> {
+        Entry {
+            max,
+            holders: HashMap::new(),
+            queue: BTreeMap::new(),
+            arrivals: HashMap::new(),
+        }
+    }
+
+    fn is_unused(&self) -> bool {
+        self.holders.is_empty() && self.queue.is_empty()
+    }
+
+    fn remove_waiter(&mut self, conn: ConnId) -> Option<Waiter<H>> {
+        let arrival = self.arrivals.remove(&conn)?;
+        self.queue.remove(&arrival)
+    }
+
+    fn pop_waiter(&mut self) -> Option<Waiter<H>> {
+        let (_, w) = self.queue.pop_first()?;
+        self.arrivals.remove(&w.conn);
+        Some(w)
+    }
 }
 
 /// Why a deadline was set: which connection, on which name.
@@ -166,8 +198,14 @@ pub struct Table<H> {
     /// The deadline each connection has in `deadlines`, to move or remove it.
     due: HashMap<ConnId, Instant>,
     next_token: u64,
+    /// Arrival number of the next waiter, for FIFO order across the table.
+    next_arrival: u64,
     counters: Counters,
     waiting: usize,
+    /// Holders over all names, and names with at least one holder, kept as they change so that
+    /// `.stats` costs nothing per lock.
+    holders: usize,
+    held: usize,
 }
 
 impl<H: Clone> Table<H> {
@@ -180,8 +218,11 @@ impl<H: Clone> Table<H> {
             deadlines: BTreeMap::new(),
             due: HashMap::new(),
             next_token: first_token.max(1),
+            next_arrival: 0,
             counters: Counters::default(),
             waiting: 0,
+            holders: 0,
+            held: 0,
         }
     }
 
@@ -194,23 +235,26 @@ impl<H: Clone> Table<H> {
             self.counters.max_mismatches += 1;
             return Decision::MaxMismatch { max: e.max };
         }
-        let entry = self.names.entry(name.into()).or_insert_with(|| Entry {
-            max,
-            holders: Vec::new(),
-            queue: VecDeque::new(),
-        });
+        let entry = self
+            .names
+            .entry(name.into())
+            .or_insert_with(|| Entry::new(max));
         if entry.holders.len() < max as usize && entry.queue.is_empty() {
             let token = self.next_token;
             self.next_token += 1;
-            entry.holders.push(Holder {
-                conn: req.conn,
-                client_id: req.client_id,
-                peer: req.peer,
-                since: now,
-                token,
-                ttl: req.ttl,
-                handle: req.handle,
-            });
+            self.held += usize::from(entry.holders.is_empty());
+            self.holders += 1;
+            entry.holders.insert(
+                req.conn,
+                Holder {
+                    client_id: req.client_id,
+                    peer: req.peer,
+                    since: now,
+                    token,
+                    ttl: req.ttl,
+                    handle: req.handle,
+                },
+            );
             self.counters.acquired += 1;
             if let Some(ttl) = req.ttl {
                 self.set_due(name, req.conn, now + ttl);
@@ -219,20 +263,26 @@ impl<H: Clone> Table<H> {
         }
         match req.wait.filter(|w| !w.is_zero()) {
             Some(wait) => {
-                entry.queue.push_back(Waiter {
-                    conn: req.conn,
-                    client_id: req.client_id,
-                    peer: req.peer,
-                    deadline: now + wait,
-                    ttl: req.ttl,
-                    handle: req.handle,
-                });
+                let arrival = self.next_arrival;
+                self.next_arrival += 1;
+                entry.arrivals.insert(req.conn, arrival);
+                entry.queue.insert(
+                    arrival,
+                    Waiter {
+                        conn: req.conn,
+                        client_id: req.client_id,
+                        peer: req.peer,
+                        deadline: now + wait,
+                        ttl: req.ttl,
+                        handle: req.handle,
+                    },
+                );
                 self.waiting += 1;
                 self.set_due(name, req.conn, now + wait);
                 Decision::Queued
             }
             None => {
-                if entry.holders.is_empty() && entry.queue.is_empty() {
+                if entry.is_unused() {
                     self.names.remove(name);
                 }
                 self.counters.not_acquired += 1;
@@ -244,8 +294,8 @@ impl<H: Clone> Table<H> {
     /// Where `conn` stands for `name`.
     pub fn state(&self, name: &str, conn: ConnId) -> State {
         match self.names.get(name) {
-            Some(e) if e.holders.iter().any(|h| h.conn == conn) => State::Holding,
-            Some(e) if e.queue.iter().any(|w| w.conn == conn) => State::Waiting,
+            Some(e) if e.holders.contains_key(&conn) => State::Holding,
+            Some(e) if e.arrivals.contains_key(&conn) => State::Waiting,
             _ => State::Absent,
         }
     }
@@ -253,15 +303,10 @@ impl<H: Clone> Table<H> {
     /// The connection sent a request: a holder's lease starts over. Returns where it stands.
     pub fn activity(&mut self, name: &str, conn: ConnId, now: Instant) -> State {
         let state = self.state(name, conn);
-        if state == State::Holding {
-            let ttl = self.names[name]
-                .holders
-                .iter()
-                .find(|h| h.conn == conn)
-                .and_then(|h| h.ttl);
-            if let Some(ttl) = ttl {
-                self.set_due(name, conn, now + ttl);
-            }
+        if state == State::Holding
+            && let Some(ttl) = self.names[name].holders[&conn].ttl
+        {
+            self.set_due(name, conn, now + ttl);
         }
         state
     }
@@ -274,12 +319,12 @@ impl<H: Clone> Table<H> {
         let Some(entry) = self.names.get_mut(name) else {
             return (State::Absent, events);
         };
-        let state = if let Some(i) = entry.holders.iter().position(|h| h.conn == conn) {
-            entry.holders.swap_remove(i);
+        let state = if entry.holders.remove(&conn).is_some() {
+            self.holders -= 1;
+            self.held -= usize::from(entry.holders.is_empty());
             self.counters.released += 1;
             State::Holding
-        } else if let Some(i) = entry.queue.iter().position(|w| w.conn == conn) {
-            entry.queue.remove(i);
+        } else if entry.remove_waiter(conn).is_some() {
             self.waiting -= 1;
             State::Waiting
         } else {
@@ -303,15 +348,15 @@ impl<H: Clone> Table<H> {
             let Some(e) = self.names.get_mut(&name) else {
                 continue;
             };
-            if let Some(i) = e.holders.iter().position(|h| h.conn == conn) {
-                let h = e.holders.swap_remove(i);
+            if let Some(h) = e.holders.remove(&conn) {
+                self.holders -= 1;
+                self.held -= usize::from(e.holders.is_empty());
                 self.counters.expired += 1;
                 events.push(Event::Expired {
                     conn,
                     handle: h.handle,
                 });
-            } else if let Some(i) = e.queue.iter().position(|w| w.conn == conn) {
-                let w = e.queue.remove(i).expect("position is in range");
+            } else if let Some(w) = e.remove_waiter(conn) {
                 self.waiting -= 1;
                 self.counters.wait_timeouts += 1;
                 self.counters.not_acquired += 1;
@@ -340,15 +385,12 @@ impl<H: Clone> Table<H> {
 
     /// Holders over all names (for a plain lock, the number of locks held).
     pub fn holders(&self) -> usize {
-        self.names.values().map(|e| e.holders.len()).sum()
+        self.holders
     }
 
     /// Names with at least one holder.
     pub fn held(&self) -> usize {
-        self.names
-            .values()
-            .filter(|e| !e.holders.is_empty())
-            .count()
+        self.held
     }
 
     /// The token the next grant will carry.
@@ -368,38 +410,44 @@ impl<H: Clone> Table<H> {
     pub fn oldest_hold(&self, now: Instant) -> Option<Duration> {
         self.names
             .values()
-            .flat_map(|e| &e.holders)
+            .flat_map(|e| e.holders.values())
             .map(|h| now.saturating_duration_since(h.since))
             .max()
     }
 
+    /// Every held name with its holders and queue length, copied as they are. Unsorted: the
+    /// caller sorts with [`sort_snapshot`] after letting go of the table, so that a big
+    /// `.locks` keeps the table's users waiting for a copy, not for a sort.
+    pub fn snapshot_unsorted(&self, now: Instant) -> Vec<LockInfo> {
+        let mut locks = Vec::with_capacity(self.held);
+        for (name, e) in &self.names {
+            if e.holders.is_empty() {
+                continue;
+            }
+            locks.push(LockInfo {
+                name: name.clone(),
+                max: e.max,
+                holders: e
+                    .holders
+                    .values()
+                    .map(|h| HolderInfo {
+                        client_id: h.client_id.clone(),
+                        peer: h.peer,
+                        held_for: now.saturating_duration_since(h.since),
+                        token: h.token,
+                        ttl: h.ttl,
+                    })
+                    .collect(),
+                waiting: e.queue.len(),
+            });
+        }
+        locks
+    }
+
     /// Every held name, sorted, with its holders (longest held first) and queue length.
     pub fn snapshot(&self, now: Instant) -> Vec<LockInfo> {
-        let mut locks: Vec<LockInfo> = self
-            .names
-            .iter()
-            .filter(|(_, e)| !e.holders.is_empty())
-            .map(|(name, e)| {
-                let mut holders: Vec<&Holder<H>> = e.holders.iter().collect();
-                holders.sort_by_key(|h| h.since);
-                LockInfo {
-                    name: name.clone(),
-                    max: e.max,
-                    holders: holders
-                        .into_iter()
-                        .map(|h| HolderInfo {
-                            client_id: h.client_id.clone(),
-                            peer: h.peer,
-                            held_for: now.saturating_duration_since(h.since),
-                            token: h.token,
-                            ttl: h.ttl,
-                        })
-                        .collect(),
-                    waiting: e.queue.len(),
-                }
-            })
-            .collect();
-        locks.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut locks = self.snapshot_unsorted(now);
+        sort_snapshot(&mut locks);
         locks
     }
 
@@ -412,7 +460,7 @@ impl<H: Clone> Table<H> {
         };
         let mut dues = Vec::new();
         while entry.holders.len() < entry.max as usize {
-            let Some(w) = entry.queue.pop_front() else {
+            let Some(w) = entry.pop_waiter() else {
                 break;
             };
             self.waiting -= 1;
@@ -437,17 +485,21 @@ impl<H: Clone> Table<H> {
             });
             // The wait deadline gives way to the lease, if any.
             dues.push((w.conn, w.ttl.map(|ttl| now + ttl)));
-            entry.holders.push(Holder {
-                conn: w.conn,
-                client_id: w.client_id,
-                peer: w.peer,
-                since: now,
-                token,
-                ttl: w.ttl,
-                handle: w.handle,
-            });
+            self.held += usize::from(entry.holders.is_empty());
+            self.holders += 1;
+            entry.holders.insert(
+                w.conn,
+                Holder {
+                    client_id: w.client_id,
+                    peer: w.peer,
+                    since: now,
+                    token,
+                    ttl: w.ttl,
+                    handle: w.handle,
+                },
+            );
         }
-        if entry.holders.is_empty() && entry.queue.is_empty() {
+        if entry.is_unused() {
             self.names.remove(name);
         }
         for (conn, due) in dues {
@@ -468,6 +520,16 @@ impl<H: Clone> Table<H> {
         if let Some(at) = self.due.remove(&conn) {
             self.deadlines.remove(&Due { at, conn });
         }
+    }
+}
+
+/// Orders a snapshot as `.locks` shows it: names sorted, each name's holders longest held first
+/// (ties by token, which is grant order).
+pub fn sort_snapshot(locks: &mut [LockInfo]) {
+    locks.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+    for lock in locks {
+        lock.holders
+            .sort_unstable_by(|a, b| b.held_for.cmp(&a.held_for).then(a.token.cmp(&b.token)));
     }
 }
 
