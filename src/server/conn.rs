@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 
 use super::Server;
+use super::link::Link;
 use crate::protocol::{HeldRequest, LockRequest, Reply, Request};
 use crate::table::{self, ConnId, Decision, State};
 
@@ -34,36 +35,6 @@ pub struct Conn {
     pub server: Arc<Server>,
     /// Decrements the server's open-connection count when the connection ends, however it ends.
     pub _open: super::OpenGuard,
-}
-
-/// How other threads reach a connection that holds or waits for a lock: a releasing client's
-/// thread writes `ok` to the next waiter, the timer thread writes `expired` or `not-granted`.
-/// The lock table keeps one of these per holder and waiter, and hands it back in its events.
-#[derive(Debug)]
-pub struct Link {
-    pub stream: TcpStream,
-    pub name: Box<str>,
-    pub fencing: bool,
-}
-
-impl Link {
-    /// Writes `reply` without ever blocking: this runs on somebody else's thread. A client whose
-    /// socket buffer is full is not reading; it is treated as gone.
-    pub fn notify(&self, reply: &Reply) -> io::Result<()> {
-        let line = reply.to_line();
-        let sent =
-            socket2::SockRef::from(&self.stream).send_with_flags(&line, libc::MSG_DONTWAIT)?;
-        if sent < line.len() {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(())
-    }
-
-    /// Ends the connection from another thread: its own thread wakes up (end of file), finds
-    /// itself out of the table and exits.
-    pub fn hang_up(&self) {
-        let _ = self.stream.shutdown(Shutdown::Both);
-    }
 }
 
 pub fn serve(conn: Conn) {
@@ -105,8 +76,7 @@ pub fn serve(conn: Conn) {
         Request::Locks => finish(&stream, &Reply::Locks(server.locks_json())),
         Request::Shutdown => shutdown(server, &stream, peer),
         Request::Lock(req) => {
-            let session = Session::start(server, stream, peer, id, &req);
-            if let Some(session) = session {
+            if let Some(session) = Session::start(server, stream, peer, id, &req) {
                 session.run(&mut reader);
             }
         }
@@ -124,8 +94,8 @@ struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    /// Asks the table; answers at once unless the request was queued. None when the connection
-    /// is already finished (refused).
+    /// Asks for the lock. A grant's line is written by the lock owner; a refusal is answered
+    /// here and the connection finished (None).
     fn start(
         server: &'a Server,
         stream: TcpStream,
@@ -133,13 +103,9 @@ impl<'a> Session<'a> {
         id: ConnId,
         req: &LockRequest,
     ) -> Option<Session<'a>> {
-        let link = Arc::new(Link {
-            stream,
-            name: req.name.into(),
-            fencing: req.fencing,
-        });
-        let decision = server.table().lock(
-            &link.name,
+        let link = Arc::new(Link::new(stream, req.name, req.fencing));
+        let decision = server.locks.lock(
+            req.name,
             table::LockRequest {
                 conn: id,
                 client_id: req.client_id.map(Into::into),
@@ -149,29 +115,14 @@ impl<'a> Session<'a> {
                 ttl: req.ttl,
                 handle: Arc::clone(&link),
             },
-            Instant::now(),
         );
-        if req.wait.is_some() || req.ttl.is_some() {
-            server.timer.notify_one();
-        }
-        let name = &link.name;
-        let session = Session {
-            server,
-            link: Arc::clone(&link),
-            id,
-            peer,
-        };
+        let name = req.name;
         match decision {
-            Decision::Granted { token } => {
-                debug!("{peer}: lock {name} granted (token {token})");
-                if send(&link.stream, &Reply::granted(token, link.fencing)).is_err() {
-                    return None; // dropping the session frees the lock
-                }
-            }
+            Decision::Granted { token } => debug!("{peer}: lock {name} granted (token {token})"),
             Decision::Queued => debug!("{peer}: lock {name} queued"),
             Decision::NotGranted => {
                 debug!("{peer}: lock {name} not granted");
-                finish(&link.stream, &Reply::NotGranted);
+                finish(link.stream(), &Reply::NotGranted);
                 return None;
             }
             Decision::MaxMismatch { max } => {
@@ -180,26 +131,32 @@ impl<'a> Session<'a> {
                     req.max
                 );
                 let msg = format!("max mismatch: {name} is held with max:{max}");
-                finish(&link.stream, &Reply::Err(msg.into()));
+                finish(link.stream(), &Reply::Err(msg.into()));
                 return None;
             }
         }
-        Some(session)
+        Some(Session {
+            server,
+            link,
+            id,
+            peer,
+        })
     }
 
     fn run(self, reader: &mut LineReader) {
-        let stream = &self.link.stream;
+        let stream = self.link.stream();
         loop {
             let line = match reader.next_line(stream, None) {
                 Ok(line) => line,
                 Err(ReadError::TooLong) => {
                     self.leave();
-                    return finish(stream, &Reply::BadRequest);
+                    let _ = self.link.reply(&Reply::BadRequest);
+                    return finish_quietly(stream);
                 }
                 Err(ReadError::Eof { .. }) => {
                     // Either the client half-closed, or another thread hung up on it after an
                     // expiry or a timeout (the table no longer has it).
-                    if self.state() != State::Absent {
+                    if self.server.locks.state(&self.link.name, self.id) != State::Absent {
                         self.watch_half_closed();
                     }
                     return;
@@ -216,12 +173,7 @@ impl<'a> Session<'a> {
             let request = HeldRequest::parse(line);
             // Any request renews a lease. A connection the table no longer has was told why by
             // the thread that took it out; it says nothing more.
-            if self
-                .server
-                .table()
-                .activity(&self.link.name, self.id, Instant::now())
-                == State::Absent
-            {
+            if self.server.locks.renew(&self.link.name, self.id) == State::Absent {
                 return;
             }
             let reply = match request {
@@ -229,31 +181,26 @@ impl<'a> Session<'a> {
                     // Free the lock before saying so: a client that reads `released` and
                     // tells another to go ahead must find the lock free.
                     self.leave();
-                    return finish(stream, &Reply::Released);
+                    if self.link.reply(&Reply::Released).is_ok() {
+                        finish_quietly(stream);
+                    }
+                    return;
                 }
                 Ok(HeldRequest::Keepalive) => Reply::Alive,
                 Err(reply) => reply,
             };
-            if send(stream, &reply).is_err() {
+            if self.link.reply(&reply).is_err() {
                 return;
             }
         }
     }
 
-    fn state(&self) -> State {
-        self.server.table().state(&self.link.name, self.id)
-    }
-
     /// Leaves the table and hands the place on. Idempotent: the table ignores a second call.
     fn leave(&self) {
-        let (was, events) = self
-            .server
-            .table()
-            .leave(&self.link.name, self.id, Instant::now());
+        let was = self.server.locks.leave(&self.link.name, self.id);
         if was != State::Absent {
             debug!("{}: lock {}: left ({was:?})", self.peer, self.link.name);
         }
-        self.server.deliver(events);
     }
 
     /// The client shut down its sending side. It can no longer release, so it holds (or waits)
@@ -263,12 +210,12 @@ impl<'a> Session<'a> {
             "{}: lock {}: half-closed; probing",
             self.peer, self.link.name
         );
-        let socket = socket2::SockRef::from(&self.link.stream);
+        let stream = self.link.stream();
+        let socket = socket2::SockRef::from(stream);
         loop {
             // A `\n`, so that a middlebox which clears the urgent flag turns it into a blank
             // line.
-            if socket.send_out_of_band(b"\n").is_err()
-                || peer_reset_within(&self.link.stream, PROBE_INTERVAL)
+            if socket.send_out_of_band(b"\n").is_err() || peer_reset_within(stream, PROBE_INTERVAL)
             {
                 debug!(
                     "{}: lock {}: half-closed client is gone",
@@ -326,9 +273,13 @@ fn send(mut stream: &TcpStream, reply: &Reply) -> io::Result<()> {
 /// closing over unread data makes the kernel send a reset, which can destroy the reply before the
 /// client reads it.
 fn finish(stream: &TcpStream, reply: &Reply) {
-    if send(stream, reply).is_err() {
-        return;
+    if send(stream, reply).is_ok() {
+        finish_quietly(stream);
     }
+}
+
+/// [`finish`] once the last reply is written.
+fn finish_quietly(stream: &TcpStream) {
     let _ = stream.shutdown(Shutdown::Write);
     let mut scratch = [MaybeUninit::<u8>::uninit(); 1024];
     let socket = socket2::SockRef::from(stream);

@@ -8,26 +8,28 @@
 //! held across socket I/O.
 
 pub mod conn;
+pub mod link;
 pub mod listen;
+pub mod locks;
 pub mod notify;
 pub mod pool;
 pub mod tokens;
 
-use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
 use crate::protocol::Reply;
-use crate::table::{ConnId, Event, Table};
-use conn::{Conn, Link};
+use crate::table::ConnId;
+use conn::Conn;
 use listen::Keepalive;
+use locks::Locks;
 
 /// Everything the operator can tune; each field is a `tcpnetlock server` flag.
 #[derive(Debug, Clone)]
@@ -72,10 +74,8 @@ const WORKER_STACK: usize = 128 * 1024;
 
 pub struct Server {
     pub config: Config,
-    table: Mutex<Table<Arc<Link>>>,
-    /// Wakes the timer thread when a new deadline (wait or lease) may be sooner than the one it
-    /// sleeps towards. Paired with `table`.
-    pub timer: Condvar,
+    /// The lock state, and the only way to change it.
+    pub locks: Locks,
     pool: pool::Pool<Acceptor>,
     started: Instant,
     /// Connections accepted since start (0.1.8's `requests_count`).
@@ -140,8 +140,7 @@ impl Server {
         let (first_token, tokens) = tokens::Tokens::start(config.state_dir.as_deref())?;
         Ok(Arc::new(Server {
             config,
-            table: Mutex::new(Table::new(first_token)),
-            timer: Condvar::new(),
+            locks: Locks::new(first_token),
             pool: pool::Pool::new(idle, WORKER_STACK, |a: Acceptor| {
                 a.server.accept_loop(a.listener)
             }),
@@ -156,18 +155,11 @@ impl Server {
 
     /// Keeps the stored token reservation ahead of the grants; called by the status loop.
     pub fn keep_tokens_ahead(&self) {
-        let next = self.table().next_token();
+        let next = self.locks.counts().next_token;
         let mut tokens = self.tokens.lock().unwrap_or_else(PoisonError::into_inner);
         if let Err(e) = tokens.keep_ahead(next) {
             warn!("cannot store the fencing-token reservation: {e}");
         }
-    }
-
-    /// The lock table. Callers keep the guard for one table call, never across I/O.
-    pub fn table(&self) -> MutexGuard<'_, Table<Arc<Link>>> {
-        // Table methods leave it consistent at every return, so a panic elsewhere while the
-        // guard was held does not make it unusable.
-        self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Serves the listeners until the process exits. Returns once the acceptors run. `passed`:
@@ -197,7 +189,7 @@ impl Server {
         let server = Arc::clone(self);
         thread::Builder::new()
             .name("tcpnetlock-timer".into())
-            .spawn(move || server.timer_loop())?;
+            .spawn(move || server.locks.run_timer())?;
         for listener in listeners {
             // A socket inherited from systemd may have been left non-blocking by a previous
             // instance: the open file description is shared across restarts.
@@ -210,70 +202,6 @@ impl Server {
                 .map_err(|(_, e)| e)?;
         }
         Ok(())
-    }
-
-    /// Expires leases and ends waits when their time comes. Sleeps until the table's next
-    /// deadline, or until a connection adds one.
-    fn timer_loop(self: Arc<Server>) {
-        let mut table = self.table();
-        loop {
-            let now = Instant::now();
-            let events = table.tick(now);
-            if !events.is_empty() {
-                drop(table);
-                self.deliver(events);
-                table = self.table();
-                continue;
-            }
-            table = match table.next_deadline() {
-                Some(at) => {
-                    let (t, _) = self
-                        .timer
-                        .wait_timeout(table, at.saturating_duration_since(now))
-                        .unwrap_or_else(PoisonError::into_inner);
-                    t
-                }
-                None => self
-                    .timer
-                    .wait(table)
-                    .unwrap_or_else(PoisonError::into_inner),
-            };
-        }
-    }
-
-    /// Carries out the table's decisions: tells each connection concerned, from whichever thread
-    /// made the decision. The one place that writes to a connection it does not own.
-    pub fn deliver(&self, events: Vec<Event<Arc<Link>>>) {
-        let mut pending = VecDeque::from(events);
-        while let Some(event) = pending.pop_front() {
-            match event {
-                Event::Granted {
-                    conn,
-                    token,
-                    handle,
-                } => {
-                    if let Err(e) = handle.notify(&Reply::granted(token, handle.fencing)) {
-                        // Gone, or not reading: the place goes to the next in line.
-                        debug!("lock {}: grant to a departed waiter ({e})", handle.name);
-                        handle.hang_up();
-                        let (_, more) = self.table().leave(&handle.name, conn, Instant::now());
-                        pending.extend(more);
-                    } else {
-                        debug!("lock {}: granted to a waiter (token {token})", handle.name);
-                    }
-                }
-                Event::Expired { handle, .. } => {
-                    debug!("lock {}: lease expired", handle.name);
-                    let _ = handle.notify(&Reply::Expired);
-                    handle.hang_up();
-                }
-                Event::TimedOut { handle, .. } => {
-                    debug!("lock {}: wait timed out", handle.name);
-                    let _ = handle.notify(&Reply::NotGranted);
-                    handle.hang_up();
-                }
-            }
-        }
     }
 
     /// Runs on a pool worker: accepts until it has a client to serve, hands accepting over to
@@ -356,15 +284,13 @@ impl Server {
 
     /// `.stats`: 0.1.8's keys first, then what an operator needs.
     pub fn stats_json(&self) -> String {
-        let (held, holders, waiting, c) = {
-            let table = self.table();
-            (
-                table.held(),
-                table.holders(),
-                table.waiting(),
-                table.counters(),
-            )
-        };
+        let locks::Counts {
+            held,
+            holders,
+            waiting,
+            counters: c,
+            ..
+        } = self.locks.counts();
         let (threads, idle) = self.pool.size();
         let mut json = String::with_capacity(640);
         let _ = write!(
@@ -395,7 +321,7 @@ impl Server {
 
     /// `.locks`: every held name with its holders and queue length, sorted by name.
     pub fn locks_json(&self) -> String {
-        let locks = self.table().snapshot(Instant::now());
+        let locks = self.locks.snapshot();
         let mut json = String::from("{");
         for (i, lock) in locks.iter().enumerate() {
             if i > 0 {
@@ -432,10 +358,7 @@ impl Server {
 
     /// One line for `systemctl status`.
     pub fn status_line(&self) -> String {
-        let (held, waiting) = {
-            let table = self.table();
-            (table.held(), table.waiting())
-        };
+        let locks::Counts { held, waiting, .. } = self.locks.counts();
         format!(
             "{held} locks held, {waiting} waiting, {} connections open, {} accepted since start",
             self.open.load(Ordering::Relaxed),
