@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
@@ -278,4 +279,137 @@ fn max_connections_reached() {
     // Full again: refused again.
     assert_eq!(Client::connect(s.addr).line(), "err,too many connections");
     assert_eq!(newcomer.ask("release"), "released");
+}
+
+/// A connection from `source` (another loopback address) to the server.
+fn connect_from(source: &str, server: std::net::SocketAddr) -> std::net::TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let from: std::net::SocketAddr = format!("{source}:0").parse().unwrap();
+    socket.bind(&from.into()).unwrap();
+    socket.connect(&server.into()).unwrap();
+    let stream: std::net::TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
+/// Sends one request on a fresh connection from `source` and reads the reply to the close.
+fn ask_from(source: &str, server: std::net::SocketAddr, request: &str) -> String {
+    let mut c = connect_from(source, server);
+    let _ = c.write_all(format!("{request}\n").as_bytes());
+    let mut reply = String::new();
+    let _ = c.read_to_string(&mut reply);
+    reply
+}
+
+/// Full of holders, the server still answers health checks and monitoring; a lock request is
+/// refused, and the holders are untouched.
+#[test]
+fn a_full_server_still_answers_health_checks() {
+    const LIMIT: usize = 20;
+    let s = Server::start(&["--max-connections", &LIMIT.to_string()]);
+    let mut holders: Vec<Client> = (0..LIMIT)
+        .map(|i| {
+            let (c, reply) = try_lock(s.addr, &format!("full{i}"));
+            assert_eq!(reply, "ok");
+            c
+        })
+        .collect();
+    for _ in 0..3 {
+        assert_eq!(ask_from("127.0.0.1", s.addr, ".ping"), "pong\n");
+        let stats = ask_from("127.0.0.1", s.addr, ".stats");
+        assert!(stats.starts_with("stats,{"), "{stats:?}");
+        assert!(stats.contains("\"holders\": 20,"), "{stats}");
+        let locks = ask_from("127.0.0.1", s.addr, ".locks");
+        assert!(locks.starts_with("locks,{\"full0\": "), "{locks:?}");
+        assert_eq!(
+            ask_from("127.0.0.1", s.addr, "lock,name:one-more"),
+            "err,too many connections\n"
+        );
+    }
+    for h in &mut holders {
+        assert_eq!(h.ask(".keepalive"), "alive");
+    }
+}
+
+/// With --max-connections-per-peer, one address that opens connection after connection (never
+/// sending a byte) takes its own share and no more: another address is served as usual, health
+/// checks included. The first address still gets `.ping` answered past its limit.
+#[test]
+fn one_peer_cannot_take_every_connection() {
+    let s = Server::start(&[
+        "--max-connections",
+        "60",
+        "--max-connections-per-peer",
+        "10",
+    ]);
+    // The flood: 100 silent connections from 127.0.0.2. Past its 10 and the few kept for status
+    // requests, each is refused at once.
+    let mut flood = Vec::new();
+    let mut refused = 0;
+    for _ in 0..100 {
+        let mut c = connect_from("127.0.0.2", s.addr);
+        c.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        match c.read(&mut buf) {
+            Ok(n) if n > 0 => {
+                assert_eq!(
+                    &buf[..n],
+                    b"err,too many connections from your address\n",
+                    "{:?}",
+                    String::from_utf8_lossy(&buf[..n])
+                );
+                refused += 1;
+            }
+            _ => flood.push(c),
+        }
+    }
+    assert_eq!((flood.len(), refused), (14, 86));
+    // Everybody else: served.
+    assert_eq!(ask_from("127.0.0.1", s.addr, ".ping"), "pong\n");
+    let (mut other, reply) = try_lock(s.addr, "elsewhere");
+    assert_eq!(reply, "ok");
+    assert_eq!(other.ask("release"), "released");
+    // The flooding address: a lock past its share is refused, its place opens when one of its
+    // connections closes.
+    drop(flood.pop());
+    drop(flood.pop());
+    let served = wait_until(Duration::from_secs(2), || {
+        ask_from("127.0.0.2", s.addr, ".ping") == "pong\n"
+    });
+    assert!(
+        served.is_some(),
+        "a status request past the peer's limit was not answered"
+    );
+    assert_eq!(
+        ask_from("127.0.0.2", s.addr, "lock,name:greedy"),
+        "err,too many connections from your address\n"
+    );
+    flood.truncate(5);
+    let granted = wait_until(Duration::from_secs(2), || {
+        let mut c = connect_from("127.0.0.2", s.addr);
+        c.write_all(b"lock,name:greedy\n").unwrap();
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf).unwrap_or(0);
+        &buf[..n] == b"ok\n"
+    });
+    assert!(
+        granted.is_some(),
+        "the peer's freed places were not given back"
+    );
+}
+
+#[test]
+fn the_per_peer_limit_is_bounded() {
+    for bad in ["0", "1000001", "-1", "lots"] {
+        let out = Command::new(BIN)
+            .args(["server", &format!("--max-connections-per-peer={bad}")])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--max-connections-per-peer"), "{bad}: {err}");
+    }
 }

@@ -27,6 +27,12 @@ pub struct ServerArgs {
     #[arg(long, value_name = "N", default_value_t = 10_000)]
     max_connections: usize,
 
+    /// Open connections allowed at once from one client address; past it, that address gets
+    /// `err,too many connections from your address`. Off by default: behind NAT, a load balancer
+    /// or a Kubernetes Service every client may share one address.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections_per_peer: Option<u32>,
+
     /// Longest request line in bytes, without its line ending; longer gets `bad-request`.
     #[arg(long, value_name = "BYTES", default_value_t = 1024)]
     max_line_length: usize,
@@ -136,6 +142,7 @@ impl ServerArgs {
             || self.keepalive_probes.is_some();
         Ok(Config {
             max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer.map(|n| n as usize),
             max_line: self.max_line_length,
             max_name_len: self.max_name_length,
             request_timeout: self.request_timeout,

@@ -33,6 +33,9 @@ pub struct Conn {
     pub peer: SocketAddr,
     pub id: ConnId,
     pub server: Arc<Server>,
+    /// Admitted past a connection limit: it may ask for status, and a lock request gets this
+    /// refusal.
+    pub limited: Option<&'static str>,
     /// Decrements the server's open-connection count when the connection ends, however it ends.
     pub _open: super::OpenGuard,
 }
@@ -43,11 +46,19 @@ pub fn serve(conn: Conn) {
         peer,
         id,
         server,
+        limited,
         _open,
     } = conn;
     let server = &*server;
     let mut reader = LineReader::new(server.config.max_line);
-    let deadline = Instant::now() + server.config.request_timeout;
+    let timeout = match limited {
+        Some(_) => server
+            .config
+            .request_timeout
+            .min(super::STATUS_ONLY_TIMEOUT),
+        None => server.config.request_timeout,
+    };
+    let deadline = Instant::now() + timeout;
     let line = match reader.next_line(&stream, Some(deadline)) {
         Ok(line) => line,
         Err(ReadError::Eof { partial: false }) => return,
@@ -56,7 +67,8 @@ pub fn serve(conn: Conn) {
         }
         Err(ReadError::TimedOut) => {
             debug!("{peer}: no complete request within the request timeout, closing");
-            return finish(&stream, &Reply::err("request timeout"));
+            // Past a limit, the reason it was not served is the limit.
+            return finish(&stream, &Reply::err(limited.unwrap_or("request timeout")));
         }
         Err(ReadError::Io(e)) => {
             debug!("{peer}: {e}");
@@ -75,6 +87,10 @@ pub fn serve(conn: Conn) {
         Request::Stats => finish(&stream, &Reply::Stats(server.stats_json())),
         Request::Locks => finish(&stream, &Reply::Locks(server.locks_json())),
         Request::Shutdown => shutdown(server, &stream, peer),
+        Request::Lock(_) if let Some(refusal) = limited => {
+            debug!("{peer}: lock refused: {refusal}");
+            finish(&stream, &Reply::err(refusal));
+        }
         Request::Lock(req) => {
             if let Some(session) = Session::start(server, stream, peer, id, &req) {
                 session.run(&mut reader);

@@ -15,9 +15,10 @@ pub mod notify;
 pub mod pool;
 pub mod tokens;
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{self, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
@@ -35,6 +36,8 @@ use locks::Locks;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub max_connections: usize,
+    /// Open connections allowed at once from one address; `None`: no limit of its own.
+    pub max_connections_per_peer: Option<usize>,
     pub max_line: usize,
     pub max_name_len: usize,
     pub request_timeout: Duration,
@@ -52,6 +55,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             max_connections: 10_000,
+            max_connections_per_peer: None,
             max_line: 1024,
             max_name_len: crate::protocol::DEFAULT_MAX_NAME_LEN,
             request_timeout: Duration::from_secs(10),
@@ -67,6 +71,13 @@ impl Default for Config {
         }
     }
 }
+
+/// Connections past a limit (`--max-connections`, or a peer's) that are still read, so that
+/// health checks and monitoring are answered when the server is full of holders: they may ask
+/// `.ping`, `.stats` or `.locks` (a lock request gets the refusal), within a short time.
+const STATUS_RESERVE: usize = 64;
+const PEER_STATUS_RESERVE: usize = 4;
+const STATUS_ONLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Worker stack size. A connection's deepest path is a log line or a `.stats` reply; 128 KiB
 /// leaves ample room and, being mostly untouched, costs little resident memory per holder.
@@ -88,6 +99,8 @@ pub struct Server {
     /// once, forever, spinning a core.
     reserve_fd: Mutex<Option<TcpListener>>,
     tokens: Mutex<tokens::Tokens>,
+    /// Open connections per peer address, kept only with `--max-connections-per-peer`.
+    per_peer: Mutex<HashMap<IpAddr, usize>>,
 }
 
 /// The one job of a pool worker: accept on `listener` (see [`Server::accept_loop`]).
@@ -124,12 +137,29 @@ impl Drop for AcceptorRole {
     }
 }
 
-/// Keeps [`Server::open`] right however a connection ends.
-pub struct OpenGuard(Arc<Server>);
+/// Keeps [`Server::open`] and the per-peer counts right however a connection ends.
+pub struct OpenGuard {
+    server: Arc<Server>,
+    /// The peer's address, when connections are counted per peer.
+    peer: Option<IpAddr>,
+}
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.server.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(ip) = self.peer {
+            let mut per_peer = self
+                .server
+                .per_peer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(n) = per_peer.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_peer.remove(&ip);
+                }
+            }
+        }
     }
 }
 
@@ -150,6 +180,7 @@ impl Server {
             next_id: AtomicU64::new(1),
             reserve_fd: Mutex::new(None),
             tokens: Mutex::new(tokens),
+            per_peer: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -246,14 +277,38 @@ impl Server {
         }
     }
 
-    /// Counts the connection and checks the limit; None when it was refused.
+    /// Counts the connection and checks the limits; None when it was refused. Past a limit, a
+    /// few connections are still admitted to ask for status only.
     fn admit(self: &Arc<Server>, stream: TcpStream, peer: SocketAddr) -> Option<Conn> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
-        let guard = OpenGuard(Arc::clone(self));
-        if open > self.config.max_connections {
+        let mut guard = OpenGuard {
+            server: Arc::clone(self),
+            peer: None,
+        };
+        let max = self.config.max_connections;
+        let mut limited = (open > max).then_some(TOO_MANY);
+        if let Some(per_peer_max) = self.config.max_connections_per_peer {
+            let ip = peer.ip().to_canonical();
+            let from_peer = {
+                let mut per_peer = self.per_peer.lock().unwrap_or_else(PoisonError::into_inner);
+                let n = per_peer.entry(ip).or_insert(0);
+                *n += 1;
+                *n
+            };
+            guard.peer = Some(ip);
+            if from_peer > per_peer_max {
+                if from_peer > per_peer_max + PEER_STATUS_RESERVE {
+                    debug!("{peer}: refused: {from_peer} connections open from {ip}");
+                    refuse(stream, &Reply::err(TOO_MANY_FROM_PEER));
+                    return None;
+                }
+                limited = Some(TOO_MANY_FROM_PEER);
+            }
+        }
+        if open > max + STATUS_RESERVE {
             debug!("{peer}: refused: {open} connections open");
-            refuse(stream, &Reply::err("too many connections"));
+            refuse(stream, &Reply::err(TOO_MANY));
             return None;
         }
         Some(Conn {
@@ -261,6 +316,7 @@ impl Server {
             peer,
             id: ConnId(self.next_id.fetch_add(1, Ordering::Relaxed)),
             server: Arc::clone(self),
+            limited,
             _open: guard,
         })
     }
@@ -374,6 +430,9 @@ impl Server {
         std::process::exit(0)
     }
 }
+
+const TOO_MANY: &str = "too many connections";
+const TOO_MANY_FROM_PEER: &str = "too many connections from your address";
 
 /// Tells a client it cannot be served and closes, without ever blocking the acceptor: a fresh
 /// socket's send buffer is empty, so the line fits.
