@@ -266,3 +266,65 @@ fn tcp_keepalive_is_configured_on_accepted_sockets() {
     assert_eq!(reply, "ok");
     assert_eq!(keepalive_timer(&s), None);
 }
+
+/// Exactly who sees the half-close probes (docs/PROTOCOL.md): the first probe comes a second
+/// after the half-close and the next a second later, so a client that has read its `ok` within
+/// two seconds never sees one, however long it then stays silent; one that reads its `ok` later
+/// finds an empty line after it for each probe but the last that came meanwhile; with
+/// SO_OOBINLINE every probe is an empty line. The lock is held throughout and
+/// freed at once when the client goes.
+#[test]
+fn who_sees_the_half_close_probes() {
+    let s = Server::start(&[]);
+    let half_closed = |name: &str, inline: bool| {
+        let c = std::net::TcpStream::connect(s.addr).unwrap();
+        socket2::SockRef::from(&c)
+            .set_out_of_band_inline(inline)
+            .unwrap();
+        (&c).write_all(format!("lock,name:{name}\n").as_bytes())
+            .unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        c
+    };
+    // Whatever arrives within `quiet` of the last byte.
+    let read_for = |c: &mut std::net::TcpStream, quiet: Duration| {
+        c.set_read_timeout(Some(quiet)).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = c.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8(got).unwrap()
+    };
+    let blank_lines_after_ok = |text: &str| -> usize {
+        let rest = text
+            .strip_prefix("ok\n")
+            .unwrap_or_else(|| panic!("{text:?}"));
+        assert!(rest.bytes().all(|b| b == b'\n'), "{text:?}");
+        rest.len()
+    };
+
+    let mut prompt = half_closed("prompt", false);
+    let mut late = half_closed("late", false);
+    let mut inline = half_closed("inline", true);
+    thread::sleep(Duration::from_millis(1400));
+    assert_eq!(read_for(&mut prompt, Duration::from_millis(100)), "ok\n");
+    thread::sleep(Duration::from_millis(2000));
+    // 3.5 s of probes since the half-close: none of them for the prompt reader...
+    assert_eq!(read_for(&mut prompt, Duration::from_millis(300)), "");
+    // ...about two as empty lines for the late one (probes at ~1, 2, 3 s; the last stays out)...
+    let n = blank_lines_after_ok(&read_for(&mut late, Duration::from_millis(300)));
+    assert!((1..=3).contains(&n), "{n} empty lines");
+    // ...and every one for SO_OOBINLINE.
+    let n = blank_lines_after_ok(&read_for(&mut inline, Duration::from_millis(300)));
+    assert!((2..=4).contains(&n), "{n} empty lines");
+    for name in ["prompt", "late", "inline"] {
+        assert_eq!(try_lock(s.addr, name).1, "not-granted", "{name}");
+    }
+    drop(late);
+    let took = time_to_regrant(&s, "late", Duration::from_secs(3)).expect("never freed");
+    assert!(took < Duration::from_millis(2000), "freed after {took:?}");
+}
