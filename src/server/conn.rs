@@ -26,10 +26,13 @@ use crate::table::{self, ConnId, Decision, State};
 /// How often a half-closed holder is probed. The lock is freed within about twice this after the
 /// client process dies (the write that provokes the reset, then the wait for it).
 ///
+/// The first probe goes at once: end of file is all a full close and a half-close show, and only
+/// a probe tells them apart (a closed socket answers it with a reset).
+///
 /// Who sees a probe: the kernel keeps one urgent byte out of the stream, the latest, and skips an
-/// earlier one when the reader has reached it. So a client that has read everything before a
-/// probe arrives never sees that probe, even if it never reads again; a client that still has
-/// earlier bytes unread (its `ok`) when a second probe comes finds the first as an empty line
+/// earlier one when the reader has reached it. So a client that has read everything before the
+/// next probe arrives never sees a probe, even if it never reads again; a client that still has
+/// earlier bytes unread (its `ok`) when a probe comes finds the one before as an empty line
 /// after them; with SO_OOBINLINE every probe is an empty line.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -234,16 +237,6 @@ impl<'a> Session<'a> {
         );
         let stream = self.link.stream();
         let socket = socket2::SockRef::from(stream);
-        // The first probe waits: a client that has read all it was sent by then never sees a
-        // probe in its stream (see PROBE_INTERVAL). One that has not cannot go unnoticed
-        // meanwhile: closing a socket with unread data sends a reset at once.
-        if peer_reset_within(stream, PROBE_INTERVAL) {
-            debug!(
-                "{}: lock {}: half-closed client is gone",
-                self.peer, self.link.name
-            );
-            return;
-        }
         loop {
             // A `\n`, so that a middlebox which clears the urgent flag turns it into a blank
             // line.
