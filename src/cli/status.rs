@@ -98,7 +98,7 @@ fn parse(text: &str) -> Result<Value, Fail> {
 }
 
 /// A value as a person reads it: text escaped and unquoted, whole numbers without a fraction,
-/// other numbers as the server wrote them, null as `-`.
+/// other numbers in their shortest form (`1.25`, `1e+308`), null as `-`.
 fn plain(value: &Value) -> String {
     match value {
         Value::Null => "-".into(),
