@@ -27,7 +27,8 @@ use crate::client::{self, Client};
 // | status | meaning                                                    | commands              |
 // |--------|------------------------------------------------------------|-----------------------|
 // | 0      | success                                                    | all                   |
-// | 1      | the server answered with an error or something unexpected | server, ping, stats, locks |
+// | 1      | the server answered with an error or something unexpected; | server, ping, stats, locks |
+// |        | stdout cannot be written (a reader gone is no error)       |                       |
 // | 2      | bad flags or arguments; the server cannot bind             | all                   |
 // | 122    | the lock was lost while held (`do`: the command was ended) | lock, do              |
 // | 123    | not granted (`do --conflict-exit-code` replaces it)       | lock, do              |
@@ -105,8 +106,13 @@ pub struct ServerAddr {
 #[derive(Debug, Clone, Args)]
 struct ServerFlags {
     /// Server host name or address; HOST:PORT or [IPv6]:PORT give the port too.
-    #[arg(long, value_name = "HOST[:PORT]", env = "TCPNETLOCK_HOST", default_value = "localhost",
-          value_parser = parse_host)]
+    #[arg(
+        long,
+        value_name = "HOST[:PORT]",
+        env = "TCPNETLOCK_HOST",
+        default_value = "localhost",
+        value_parser = parse_host
+    )]
     host: HostArg,
 
     /// Server port [default: 7654].

@@ -90,9 +90,15 @@ fn failure(e: &client::Error) -> Fail {
 
 fn parse(text: &str) -> Result<Value, Fail> {
     serde_json::from_str(text).map_err(|e| {
+        // Enough of the reply to recognise it, not a screenful.
+        let start: String = text.chars().take(200).collect();
+        let more = if start.len() < text.len() { "…" } else { "" };
         Fail::new(
             EXIT_FAILURE,
-            &format!("the server's reply is not JSON ({e}): {}", printable(text)),
+            &format!(
+                "the server's reply is not JSON ({e}): {}{more}",
+                printable(&start)
+            ),
         )
     })
 }
