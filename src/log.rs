@@ -8,6 +8,7 @@
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -45,6 +46,7 @@ pub fn init(target: Target, level: LevelFilter) -> Result<(), String> {
         Target::Auto => Target::Stderr,
         t => t,
     };
+    TO_STDERR.store(target == Target::Stderr, Ordering::Relaxed);
     let logger: Box<dyn Log> = match target {
         Target::Syslog(path) => {
             let conn = connect(&path)
@@ -63,6 +65,14 @@ pub fn init(target: Target, level: LevelFilter) -> Result<(), String> {
     log::set_boxed_logger(logger).map_err(|e| e.to_string())?;
     log::set_max_level(level);
     Ok(())
+}
+
+/// Set by [`init`]: log lines go to stderr.
+static TO_STDERR: AtomicBool = AtomicBool::new(false);
+
+/// Log lines go to stderr: the CLI's final error, printed there anyway, is not logged too.
+pub fn to_stderr() -> bool {
+    TO_STDERR.load(Ordering::Relaxed)
 }
 
 type SyslogConn = syslog::Logger<LoggerBackend, Formatter3164>;

@@ -962,3 +962,177 @@ fn ctrl_z_stops_a_script_that_runs_do() {
     term.shows("got:typedtyped\r\nafter-do", at);
     assert!(common::is_free(s.addr, "scr"));
 }
+
+/// A pipe whose reader is gone: writing to it fails with EPIPE (`2>&1 | head -0`).
+fn closed_pipe() -> Stdio {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills both descriptors; the read end is closed, the write end is owned by
+    // the OwnedFd.
+    unsafe {
+        assert_eq!(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC), 0);
+        libc::close(fds[0]);
+        Stdio::from(OwnedFd::from_raw_fd(fds[1]))
+    }
+}
+
+/// `do -v` says what it does on stderr; when nobody reads stderr any more, the command runs
+/// all the same and `do` exits with its status.
+#[test]
+fn a_closed_stderr_does_not_stop_verbose_do() {
+    let s = Server::start(&[]);
+    let mut cmd = tnl_do(
+        s.addr.port(),
+        &["-v", "--lock-name", "quiet", "--", "echo", "ran"],
+    );
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(closed_pipe());
+    let out = cmd.output().unwrap();
+    assert_eq!(
+        (
+            common::code(out.status),
+            String::from_utf8_lossy(&out.stdout).as_ref()
+        ),
+        (0, "ran\n")
+    );
+    assert!(is_free(&s, "quiet"));
+}
+
+/// The lock is lost while stderr is a closed pipe: the message cannot be written, and the
+/// command is ended as always, SIGTERM first (its handler runs), not SIGKILL.
+#[test]
+fn a_closed_stderr_does_not_change_how_the_command_is_ended() {
+    let s = Server::start(&[]);
+    let dir = TempDir::new("do-lost-closed-stderr");
+    let (ready, termed) = (dir.path.join("ready"), dir.path.join("termed"));
+    let mut cmd = tnl_do(
+        s.addr.port(),
+        &[
+            "--grace",
+            "5",
+            "--lock-name",
+            "lost-quietly",
+            "--",
+            "sh",
+            "-c",
+        ],
+    );
+    cmd.arg(format!(
+        "trap 'touch {}; exit 0' TERM; touch {}; sleep 100 & wait",
+        termed.display(),
+        ready.display()
+    ))
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(closed_pipe());
+    let mut running = common::KillOnDrop(cmd.spawn().unwrap());
+    await_file(&ready);
+    let guardian = guardian_of(running.0.id() as i32);
+    let start = Instant::now();
+    drop(s);
+    let mut status = None;
+    wait_until(LIMIT, || {
+        status = running.0.try_wait().unwrap();
+        status.is_some()
+    });
+    assert_eq!(status.map(common::code), Some(122));
+    assert!(termed.exists(), "the command's SIGTERM handler did not run");
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(wait_until(LIMIT, || group_members(guardian).is_empty()).is_some());
+}
+
+/// Every duration flag of `do` is bounded when the command line is read: a usage error that
+/// names the flag, before anything is sent. (`--grace 1e19` used to panic when the lock was
+/// lost, and left the guardian spinning after a `kill -9` of `do`.)
+#[test]
+fn duration_flags_are_bounded() {
+    let s = Server::start(&[]);
+    for flag in ["--grace", "--retry-wait", "--keep-alive-secs"] {
+        for value in ["1e19", "604801", "-1", "NaN"] {
+            let arg = format!("{flag}={value}");
+            let (code, out, err) = run(&s, &[&arg, "--lock-name", "b", "--", "true"]);
+            assert_eq!((code, out.as_str()), (2, ""), "{flag} {value}: {err}");
+            assert!(
+                err.starts_with(&format!(
+                    "error: invalid value '{value}' for '{flag} <SECONDS>': "
+                )) && err.contains("expected seconds from 0 to 604800"),
+                "{flag} {value}: {err}"
+            );
+        }
+        let (code, _, err) = run(&s, &[flag, "604800", "--lock-name", "b", "--", "true"]);
+        assert_eq!(code, 0, "{flag}: {err}");
+    }
+    for (flag, value) in [("--wait", "604801"), ("--ttl", "1e19")] {
+        let (code, _, err) = run(&s, &[flag, value, "--lock-name", "b", "--", "true"]);
+        assert_eq!(code, 2, "{flag} {value}: {err}");
+        assert!(err.contains(&format!("for '{flag} <SECONDS>'")), "{err}");
+    }
+    assert_eq!(
+        s.stat("lock_acquired_count"),
+        3.0,
+        "only the three good ones were sent"
+    );
+}
+
+/// CPU time (user + system) a process has used, in clock ticks, from /proc.
+fn cpu_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+    // utime and stime are fields 14 and 15 of stat(5), the 12th and 13th after the name.
+    Some(fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?)
+}
+
+/// `do` killed with the longest grace allowed, while the command ignores SIGTERM: the
+/// guardian waits out the grace asleep (it used to spin at 70-85% of a core when the grace
+/// overflowed its timeout).
+#[test]
+fn after_kill_9_the_guardian_waits_out_the_longest_grace_asleep() {
+    let s = Server::start(&[]);
+    let dir = TempDir::new("do-kill9-grace");
+    let (mut running, _) = start_marked(
+        &s,
+        &dir,
+        &["--grace", "604800", "--lock-name", "k9g"],
+        "trap '' TERM; sleep 100 & $READY; wait",
+    );
+    let guardian = guardian_of(running.pid());
+    let _cleanup = KillGroup(guardian);
+    signal(running.pid(), libc::SIGKILL);
+    running.wait_within(LIMIT);
+    assert!(wait_until(LIMIT, || is_free(&s, "k9g")).is_some());
+    // The command ignores SIGTERM: the group is still there, waiting for its SIGKILL.
+    let before = cpu_ticks(guardian).expect("the guardian is gone");
+    thread::sleep(Duration::from_millis(1500));
+    let used = cpu_ticks(guardian).expect("the guardian is gone") - before;
+    // Clock ticks are 10 ms: a spinning guardian uses about 100 in 1.5 s.
+    assert!(used <= 5, "the guardian used {used} ticks of CPU in 1.5 s");
+    assert!(group_members(guardian).iter().any(|m| m.1 == "sleep"));
+}
+
+/// With `stty tostop`, a process outside the terminal's foreground group that writes to the
+/// terminal is stopped, and `do` is outside it while its command has the terminal. When the
+/// lock is lost, `do` must still end the command and say so: it signals first, and its words
+/// are never stopped by the terminal.
+#[test]
+fn with_tostop_a_lost_lock_still_ends_the_command_and_is_reported() {
+    let s = Server::start(&[]);
+    let mut term = Terminal::bash();
+    term.typing("stty tostop; echo ready-$((1+1))\n");
+    let at = term.shows("ready-2", 0);
+    term.typing(&format!(
+        "{BIN} do --host 127.0.0.1 --port {} --lock-name tostop -- \
+         sh -c 'trap \"echo got-T\"\"ERM; exit 0\" TERM; echo st\"\"arted; sleep 100 & wait'\n",
+        s.addr.port()
+    ));
+    let at = term.shows("started", at);
+    drop(s);
+    term.shows("got-TERM", at);
+    term.shows("tcpnetlock: lock tostop lost: ", at);
+    term.typing("echo status-$?-end\n");
+    term.shows("status-122-end", at);
+}

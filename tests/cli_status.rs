@@ -3,9 +3,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::process::Command;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::Duration;
 
@@ -153,4 +154,245 @@ fn an_error_reply_is_1() {
     assert_eq!(code, 1);
     assert!(err.contains("unexpected reply \"what?\""), "{err}");
     server.join().unwrap();
+}
+
+/// A pipe whose reader is gone: writing to it fails with EPIPE (`| head -0`).
+fn closed_pipe() -> Stdio {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills both descriptors; the read end is closed, the write end is owned by
+    // the OwnedFd.
+    unsafe {
+        assert_eq!(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC), 0);
+        libc::close(fds[0]);
+        Stdio::from(OwnedFd::from_raw_fd(fds[1]))
+    }
+}
+
+/// `tcpnetlock ARGS --host 127.0.0.1 --port PORT` with stdout `stdout` and stderr collected:
+/// (status, stderr).
+fn tnl_to(port: u16, args: &[&str], stdout: Stdio) -> (i32, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped());
+    let mut child = common::KillOnDrop(cmd.spawn().unwrap());
+    let mut status = None;
+    common::wait_until(LIMIT, || {
+        status = child.0.try_wait().unwrap();
+        status.is_some()
+    });
+    let status = status.expect("still running");
+    let mut err = String::new();
+    let mut stderr = child.0.stderr.take().unwrap();
+    stderr.read_to_string(&mut err).unwrap();
+    (common::code(status), err)
+}
+
+/// `tcpnetlock stats | head -0`: the reader has gone, which is no error and no crash; a disk
+/// that is full is an error, said once.
+#[test]
+fn output_to_a_closed_pipe_or_a_full_disk_does_not_crash() {
+    let s = Server::start(&[]);
+    let (_holder, _) = common::try_lock(s.addr, "held");
+    let port = s.addr.port();
+    for args in [
+        &["ping"][..],
+        &["ping", "--json"],
+        &["stats"],
+        &["stats", "--json"],
+        &["locks"],
+        &["locks", "--json"],
+    ] {
+        assert_eq!(
+            tnl_to(port, args, closed_pipe()),
+            (0, String::new()),
+            "{args:?}"
+        );
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let (code, err) = tnl_to(port, args, Stdio::from(full));
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert_eq!(
+            err,
+            "tcpnetlock: error: cannot write to stdout: No space left on device (os error 28)\n",
+            "{args:?}"
+        );
+    }
+}
+
+/// A stand-in server: answers each connection's request with the reply `reply` gives it.
+fn fake_server(reply: fn(&str) -> String) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { break };
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_ok() {
+                let _ = reader
+                    .get_mut()
+                    .write_all(format!("{}\n", reply(line.trim_end())).as_bytes());
+            }
+        }
+    });
+    port
+}
+
+/// Terminal escapes (ANSI colours, an OSC title, bidi overrides, line separators) in what a
+/// server sends are shown escaped; integers are exact however large; a number that no
+/// duration can hold is shown as a number. `--json` passes the server's bytes on unchanged.
+const HOSTILE_LOCKS: &str = "{\"a\\u001b[2Jb\": {\"max\": 1, \"waiting\": 0, \"holders\": \
+    [{\"client_id\": \"\\u001b]0;owned\\u0007x\u{202e}y\u{2028}z\\u0085\", \"peer\": \
+    \"127.0.0.1:5\", \"held_secs\": 1e308, \"token\": 9007199254740995, \"ttl_secs\": 1e308}]}}";
+const HOSTILE_STATS: &str = "{\"version\": \"9\\u001b[31m\", \"uptime_secs\": 1e308, \
+    \"maxrss\": 1e308, \"x\u{200e}\\u009by\": 18446744073709551615}";
+
+#[test]
+fn what_a_hostile_server_sends_is_shown_safely_and_exactly() {
+    let port = fake_server(|request| match request {
+        ".locks" => format!("locks,{HOSTILE_LOCKS}"),
+        ".stats" => format!("stats,{HOSTILE_STATS}"),
+        other => panic!("unexpected request {other:?}"),
+    });
+    let raw = |text: &str| {
+        text.chars()
+            .filter(|c| c.is_control() && *c != '\n' || ('\u{2000}'..='\u{206f}').contains(c))
+            .collect::<String>()
+    };
+
+    let (code, out, err) = tnl(port, &["locks"]);
+    assert_eq!((code, err.as_str()), (0, ""), "{out}");
+    assert_eq!(raw(&out), "", "{out:?}");
+    let row: Vec<&str> = out
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split("  ")
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(
+        row,
+        [
+            "a\\u{1b}[2Jb",
+            "\\u{1b}]0;owned\\u{7}x\\u{202e}y\\u{2028}z\\u{85}",
+            "127.0.0.1:5",
+            "1e+308",
+            "9007199254740995",
+            "1e+308",
+            "0"
+        ],
+        "{out}"
+    );
+    assert_eq!(
+        tnl(port, &["locks", "--json"]),
+        (0, format!("{HOSTILE_LOCKS}\n"), String::new())
+    );
+
+    let (code, out, err) = tnl(port, &["stats"]);
+    assert_eq!((code, err.as_str()), (0, ""), "{out}");
+    assert_eq!(raw(&out), "", "{out:?}");
+    assert_eq!(
+        out,
+        // Labels padded to the longest, the escaped key (16 characters), and two spaces.
+        "version           9\\u{1b}[31m\n\
+         uptime            1e+308\n\
+         peak memory       1e+308\n\
+         x\\u{200e}\\u{9b}y  18446744073709551615\n"
+    );
+    assert_eq!(
+        tnl(port, &["stats", "--json"]),
+        (0, format!("{HOSTILE_STATS}\n"), String::new())
+    );
+}
+
+/// A reply that is not JSON is an error for `--json` too (passed on, it would be a lie to jq),
+/// and the bytes it shows are escaped.
+#[test]
+fn a_reply_that_is_not_json_is_an_error_shown_escaped() {
+    let port = fake_server(|_| "stats,{\"a\": \u{1b}[31m".to_owned());
+    for args in [&["stats"][..], &["stats", "--json"]] {
+        let (code, out, err) = tnl(port, args);
+        assert_eq!((code, out.as_str()), (1, ""), "{args:?}");
+        assert!(
+            err.starts_with("tcpnetlock: error: the server's reply is not JSON (")
+                && err.ends_with("): {\"a\": \\u{1b}[31m\n"),
+            "{err:?}"
+        );
+    }
+}
+
+/// `--host` and TCPNETLOCK_HOST take HOST:PORT and [IPv6]:PORT; a second, different port from
+/// `--port` or TCPNETLOCK_PORT is a usage error that says so.
+#[test]
+fn the_host_may_carry_the_port() {
+    let s = Server::start(&[]);
+    let port = s.addr.port();
+    let run = |args: &[&str], env: &[(&str, String)]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env_remove("TCPNETLOCK_HOST")
+            .env_remove("TCPNETLOCK_PORT");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        run_within(&mut cmd, LIMIT)
+    };
+    let pong = format!("pong from 127.0.0.1:{port} in ");
+    let with_port = format!("127.0.0.1:{port}");
+    for (args, env) in [
+        (vec!["ping"], vec![("TCPNETLOCK_HOST", with_port.clone())]),
+        (vec!["ping", "--host", &with_port], vec![]),
+        // The same port twice is no conflict.
+        (
+            vec!["ping", "--host", &with_port],
+            vec![("TCPNETLOCK_PORT", port.to_string())],
+        ),
+    ] {
+        let (code, out, err) = run(&args, &env);
+        assert_eq!((code, err.as_str()), (0, ""), "{args:?} {env:?}");
+        assert!(out.starts_with(&pong), "{out}");
+    }
+
+    let mut cmd = Command::new(BIN);
+    cmd.args(["server", "--listen", "[::1]:0", "--log", "stderr", "-v"]);
+    let v6 = Server::spawn(cmd);
+    let (code, out, err) = run(&["ping", "--host", &v6.addr.to_string()], &[]);
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert!(
+        out.starts_with(&format!("pong from {} in ", v6.addr)),
+        "{out}"
+    );
+
+    let other = free_port().to_string();
+    for (args, env) in [
+        (vec!["ping", "--host", &with_port, "--port", &other], vec![]),
+        (
+            vec!["ping"],
+            vec![
+                ("TCPNETLOCK_HOST", with_port.clone()),
+                ("TCPNETLOCK_PORT", other.clone()),
+            ],
+        ),
+    ] {
+        let (code, out, err) = run(&args, &env);
+        assert_eq!((code, out.as_str()), (2, ""), "{args:?} {env:?}");
+        assert!(
+            err.starts_with(&format!(
+                "error: the server's port is given twice: {port} in --host (or TCPNETLOCK_HOST) \
+                 and {other} by --port (or TCPNETLOCK_PORT); give it once"
+            )),
+            "{err}"
+        );
+    }
+    let (code, _, err) = run(&["ping", "--host", "127.0.0.1:x"], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("invalid value '127.0.0.1:x' for '--host <HOST[:PORT]>'"),
+        "{err}"
+    );
 }

@@ -262,3 +262,55 @@ fn server_cannot_bind_is_2() {
     let (code, _, _) = names.run("tcpnetlock_server", &["--bogus"]);
     assert_eq!(code, 2);
 }
+
+/// `--info` says the lock is held on stderr; a stderr nobody reads any more does not end the
+/// client (it used to panic, exit 101, right after the grant).
+#[test]
+fn client_info_with_a_closed_stderr_holds_the_lock() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let names = Names::new();
+    let s = Server::start(&[]);
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills both descriptors; the read end is closed, the write end is owned by
+    // the OwnedFd: a pipe whose reader has gone.
+    let closed = unsafe {
+        assert_eq!(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC), 0);
+        libc::close(fds[0]);
+        std::process::Stdio::from(OwnedFd::from_raw_fd(fds[1]))
+    };
+    let port = format!("--port={}", s.addr.port());
+    let mut cmd = names.cmd(
+        "tcpnetlock_client",
+        &["--host", "127.0.0.1", &port, "--info", "i"],
+    );
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(closed);
+    let mut child = common::KillOnDrop(cmd.spawn().unwrap());
+    let held = wait_until(LIMIT, || {
+        Client::connect(s.addr).ask(".locks").contains("\"i\"")
+    });
+    assert!(held.is_some(), "{:?}", child.0.try_wait());
+    // Still holding a moment later: the message did not end it.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(child.0.try_wait().unwrap(), None);
+    assert_eq!(try_lock(s.addr, "i").1, "not-granted");
+    signal(child.0.id() as i32, libc::SIGINT);
+    let mut status = None;
+    wait_until(LIMIT, || {
+        status = child.0.try_wait().unwrap();
+        status.is_some()
+    });
+    assert_eq!(status.map(common::code), Some(4), "Ctrl-C, as 0.1.8");
+}
+
+#[test]
+fn client_keep_alive_secs_is_bounded() {
+    let names = Names::new();
+    let (code, _, err) = names.run("tcpnetlock_client", &["--keep-alive-secs", "1e19", "x"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("invalid value '1e19' for '--keep-alive-secs <KEEP_ALIVE_SECS>'"),
+        "{err}"
+    );
+}

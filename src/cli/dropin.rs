@@ -20,10 +20,12 @@ use std::time::Duration;
 use clap::Parser;
 
 use super::lock::{End, hold, watch_signals};
+use super::output::{err_line, printable};
 use super::run::RunArgs;
 use super::{
     Cli, EXIT_CLIENT_CONNECT_FAILED, EXIT_CLIENT_REFUSED, EXIT_CLIENT_UNKNOWN, EXIT_LOST,
-    EXIT_NOT_GRANTED, EXIT_SERVER_FAILED, EXIT_USAGE, Fail, ServerAddr, dispatch, parse_secs,
+    EXIT_NOT_GRANTED, EXIT_SERVER_FAILED, EXIT_USAGE, Fail, ServerAddr, dispatch,
+    parse_bounded_secs,
 };
 use crate::client;
 
@@ -96,7 +98,7 @@ struct ClientArgs {
     client_id: Option<String>,
     #[arg(long)]
     keep_alive: bool,
-    #[arg(long, default_value = "15", value_parser = parse_secs)]
+    #[arg(long, default_value = "15", value_parser = parse_bounded_secs)]
     keep_alive_secs: Duration,
     #[arg(long)]
     info: bool,
@@ -133,11 +135,13 @@ pub fn client(argv: Vec<OsString>) -> Result<u8, Fail> {
                 EXIT_NOT_GRANTED,
                 &format!("ERROR: lock '{name}' not granted by server"),
             ),
-            e => Fail::plain(EXIT_CLIENT_UNKNOWN, &e.to_string()),
+            e => Fail::plain(EXIT_CLIENT_UNKNOWN, &printable(&e.to_string())),
         }
     })?;
     if args.info || args.debug {
-        eprintln!("INFO: lock '{name}' granted; holding it until killed");
+        err_line(&format!(
+            "INFO: lock '{name}' granted; holding it until killed"
+        ));
     }
     match hold(&lock, &signals, None) {
         End::Release => {

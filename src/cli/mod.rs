@@ -5,8 +5,8 @@
 //! (symlinks `tcpnetlock_server`, `tcpnetlock_client`, `tcpnetlock_do`): see [`dropin`].
 
 pub mod dropin;
-mod json;
 pub mod lock;
+mod output;
 mod process;
 pub mod run;
 pub mod server;
@@ -18,7 +18,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgMatches, Args, FromArgMatches, Parser, Subcommand};
 
 use crate::client::{self, Client};
 
@@ -27,7 +27,8 @@ use crate::client::{self, Client};
 // | status | meaning                                                    | commands              |
 // |--------|------------------------------------------------------------|-----------------------|
 // | 0      | success                                                    | all                   |
-// | 1      | the server answered with an error or something unexpected | server, ping, stats, locks |
+// | 1      | the server answered with an error or something unexpected; | server, ping, stats, locks |
+// |        | stdout cannot be written (a reader gone is no error)       |                       |
 // | 2      | bad flags or arguments; the server cannot bind             | all                   |
 // | 122    | the lock was lost while held (`do`: the command was ended) | lock, do              |
 // | 123    | not granted (`do --conflict-exit-code` replaces it)       | lock, do              |
@@ -91,16 +92,126 @@ enum Command {
     Locks(status::StatusArgs),
 }
 
-/// Where the server is: shared by every client command.
-#[derive(Debug, Clone, Args)]
+/// Where the server is: shared by every client command. `--host` may carry the port
+/// (`HOST:PORT`, `[IPv6]:PORT`), as `TCPNETLOCK_HOST` may: a port given there and another one
+/// by `--port` or `TCPNETLOCK_PORT` is a usage error, not a silent choice.
+#[derive(Debug, Clone)]
 pub struct ServerAddr {
-    /// Server host name or address.
-    #[arg(long, env = "TCPNETLOCK_HOST", default_value = "localhost")]
+    /// A name or an address, without brackets.
     pub host: String,
-
-    /// Server port.
-    #[arg(long, env = "TCPNETLOCK_PORT", default_value_t = client::DEFAULT_PORT)]
     pub port: u16,
+}
+
+/// The flags as typed; [`ServerAddr`] is what they mean once checked together.
+#[derive(Debug, Clone, Args)]
+struct ServerFlags {
+    /// Server host name or address; HOST:PORT or [IPv6]:PORT give the port too.
+    #[arg(
+        long,
+        value_name = "HOST[:PORT]",
+        env = "TCPNETLOCK_HOST",
+        default_value = "localhost",
+        value_parser = parse_host
+    )]
+    host: HostArg,
+
+    /// Server port [default: 7654].
+    #[arg(long, env = "TCPNETLOCK_PORT")]
+    port: Option<u16>,
+}
+
+#[derive(Debug, Clone)]
+struct HostArg {
+    name: String,
+    port: Option<u16>,
+}
+
+/// `HOST`, `HOST:PORT`, `IPv6`, `[IPv6]` or `[IPv6]:PORT`. More than one colon without
+/// brackets is an IPv6 address: its last group cannot be told from a port.
+fn parse_host(text: &str) -> Result<HostArg, String> {
+    let bad_port = |port: &str| {
+        format!(
+            "{port:?} is not a port (1 to 65535) in {text:?}; expected HOST, HOST:PORT or [IPv6]:PORT"
+        )
+    };
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| bad_port(p))
+    };
+    let (name, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (inside, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("{text:?} has no closing ']'"))?;
+        match after {
+            "" => (inside, None),
+            _ => match after.strip_prefix(':') {
+                Some(p) => (inside, Some(port(p)?)),
+                None => return Err(format!("expected :PORT after ']' in {text:?}")),
+            },
+        }
+    } else {
+        match text.split_once(':') {
+            Some((name, p)) if !p.contains(':') => (name, Some(port(p)?)),
+            _ => (text, None),
+        }
+    };
+    if name.is_empty() {
+        return Err(format!("no host name or address in {text:?}"));
+    }
+    Ok(HostArg {
+        name: name.to_owned(),
+        port,
+    })
+}
+
+impl ServerFlags {
+    fn resolve(self) -> Result<ServerAddr, String> {
+        let port = match (self.host.port, self.port) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(format!(
+                    "the server's port is given twice: {a} in --host (or TCPNETLOCK_HOST) and \
+                     {b} by --port (or TCPNETLOCK_PORT); give it once"
+                ));
+            }
+            (Some(p), _) | (None, Some(p)) => p,
+            (None, None) => client::DEFAULT_PORT,
+        };
+        Ok(ServerAddr {
+            host: self.host.name,
+            port,
+        })
+    }
+}
+
+// By hand rather than derived, so that the two flags are checked together while parsing: a
+// conflict is a usage error (status 2) from clap, like any other.
+impl FromArgMatches for ServerAddr {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<ServerAddr, clap::Error> {
+        ServerFlags::from_arg_matches(matches)?
+            .resolve()
+            .map_err(|e| clap::Error::raw(clap::error::ErrorKind::ArgumentConflict, e))
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        *self = ServerAddr::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl Args for ServerAddr {
+    fn group_id() -> Option<clap::Id> {
+        ServerFlags::group_id()
+    }
+
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        ServerFlags::augment_args(cmd)
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        ServerFlags::augment_args_for_update(cmd)
+    }
 }
 
 impl ServerAddr {
@@ -149,7 +260,7 @@ impl Fail {
             E::Lost(_) => EXIT_LOST,
             E::Refused { .. } | E::Connect { .. } | E::Protocol(_) | E::Io(_) => EXIT_UNREACHABLE,
         };
-        Fail::new(code, &e.to_string())
+        Fail::new(code, &output::printable(&e.to_string()))
     }
 }
 
@@ -187,16 +298,35 @@ fn dispatch(cli: Cli) -> Result<u8, Fail> {
     }
 }
 
+/// Prints the failure on stderr, once. The server also logs it, unless its log lines go to
+/// stderr already (`--log stderr`, or no /dev/log as in a container) or stderr is the journal,
+/// where the syslog copy would land beside this one.
 fn report(program: &str, fail: &Fail) {
     if fail.message.is_empty() {
         return;
     }
     if fail.plain {
-        eprintln!("{}", fail.message);
-    } else {
-        log::error!("{}", fail.message);
-        eprintln!("{program}: error: {}", fail.message);
+        output::err_line(&fail.message);
+        return;
     }
+    if !crate::log::to_stderr() && !stderr_is_journal() {
+        log::error!("{}", fail.message);
+    }
+    output::err_line(&format!("{program}: error: {}", fail.message));
+}
+
+/// systemd connected stderr to the journal: `JOURNAL_STREAM` names stderr's device and inode
+/// (systemd.exec(5)).
+fn stderr_is_journal() -> bool {
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    // SAFETY: fstat fills the stat we own.
+    let mut st = unsafe { std::mem::zeroed::<libc::stat>() };
+    if unsafe { libc::fstat(2, &mut st) } != 0 {
+        return false;
+    }
+    stream.to_str() == Some(&format!("{}:{}", st.st_dev, st.st_ino))
 }
 
 /// Seconds as a decimal number (`10`, `0.5`), for durations on the command line.
@@ -219,6 +349,21 @@ pub fn parse_protocol_secs(text: &str) -> Result<Duration, String> {
     })
 }
 
+/// The longest duration any client flag takes (--grace, --retry-wait, --keep-alive-secs): a
+/// week, as the protocol's `wait:` and `ttl:`. Longer is a mistake, and past about 2^63 s a
+/// deadline cannot be represented at all.
+pub const MAX_FLAG_SECS: u64 = crate::protocol::MAX_SECONDS;
+
+/// Seconds as [`parse_secs`] reads them, from 0 to [`MAX_FLAG_SECS`].
+pub fn parse_bounded_secs(text: &str) -> Result<Duration, String> {
+    let out_of_range = || format!("expected seconds from 0 to {MAX_FLAG_SECS}, got {text:?}");
+    let secs = parse_secs(text).map_err(|_| out_of_range())?;
+    if secs > Duration::from_secs(MAX_FLAG_SECS) {
+        return Err(out_of_range());
+    }
+    Ok(secs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +379,41 @@ mod tests {
         assert_eq!(parse_protocol_secs("2.5"), Ok(Duration::from_millis(2500)));
         for bad in ["-1", "1e3", "604801", "x"] {
             assert!(parse_protocol_secs(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hosts_may_carry_the_port() {
+        let parsed = |text: &str| parse_host(text).map(|h| (h.name, h.port));
+        assert_eq!(parsed("db1"), Ok(("db1".into(), None)));
+        assert_eq!(parsed("db1:7000"), Ok(("db1".into(), Some(7000))));
+        assert_eq!(
+            parsed("127.0.0.1:7654"),
+            Ok(("127.0.0.1".into(), Some(7654)))
+        );
+        assert_eq!(parsed("::1"), Ok(("::1".into(), None)));
+        assert_eq!(parsed("fe80::1%eth0"), Ok(("fe80::1%eth0".into(), None)));
+        assert_eq!(parsed("[::1]"), Ok(("::1".into(), None)));
+        assert_eq!(parsed("[::1]:7000"), Ok(("::1".into(), Some(7000))));
+        for bad in [
+            "",
+            ":7000",
+            "db1:",
+            "db1:x",
+            "db1:70000",
+            "db1:0",
+            "[::1",
+            "[::1]x",
+            "[]:1",
+        ] {
+            assert!(parse_host(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_bounded_secs("604800"),
+            Ok(Duration::from_secs(604_800))
+        );
+        for bad in ["604800.5", "1e19", "-1"] {
+            assert!(parse_bounded_secs(bad).is_err(), "{bad}");
         }
     }
 

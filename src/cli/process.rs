@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use libc::{c_int, pid_t};
 
+use super::output::with_sigttou_blocked;
 use super::signals::sigset;
 
 /// The guardian's parent-death signal. It is blocked and waited for, never delivered; a USR2
@@ -215,19 +216,6 @@ impl Group {
     }
 }
 
-/// Runs `f` with SIGTTOU blocked, as a shell does around tcsetpgrp: from a background group the
-/// call would otherwise stop us.
-fn with_sigttou_blocked(f: impl FnOnce()) {
-    // SAFETY: the masks are valid sigset_t values owned by this frame.
-    unsafe {
-        let ttou = sigset(&[libc::SIGTTOU]);
-        let mut old = std::mem::zeroed::<libc::sigset_t>();
-        libc::pthread_sigmask(libc::SIG_BLOCK, &ttou, &mut old);
-        f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-    }
-}
-
 impl Drop for Group {
     /// `do` is leaving without having seen the command end: it must not outlive the lock.
     fn drop(&mut self) {
@@ -355,11 +343,7 @@ unsafe fn guard(command: pid_t, parent: pid_t, report_fd: RawFd, options: Option
                     if now >= at {
                         libc::kill(0, libc::SIGKILL); // the whole group, the guardian with it
                     }
-                    let left = at.saturating_sub(now);
-                    let ts = libc::timespec {
-                        tv_sec: left.as_secs() as _,
-                        tv_nsec: left.subsec_nanos() as libc::c_long,
-                    };
+                    let ts = timespec(at.saturating_sub(now));
                     libc::sigtimedwait(&set, std::ptr::null_mut(), &ts);
                 }
             }
@@ -367,7 +351,7 @@ unsafe fn guard(command: pid_t, parent: pid_t, report_fd: RawFd, options: Option
                 orphaned = true;
                 if options.terminate_orphaned {
                     libc::kill(0, libc::SIGTERM);
-                    kill_at = Some(monotonic() + options.grace);
+                    kill_at = Some(monotonic().saturating_add(options.grace));
                 }
             }
             // One SIGCHLD may stand for a stop and the end after it: look until nothing is new.
@@ -424,9 +408,31 @@ unsafe fn close_all_fds(first: u32) {
     }
 }
 
+/// A relative timeout for sigtimedwait. Clamped: a negative `tv_sec` (a cast past
+/// `time_t::MAX`) would make every wait fail at once, and the guardian spin.
+fn timespec(left: Duration) -> libc::timespec {
+    libc::timespec {
+        tv_sec: libc::time_t::try_from(left.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: left.subsec_nanos() as libc::c_long,
+    }
+}
+
 fn monotonic() -> Duration {
     // SAFETY: clock_gettime fills the timespec we own.
     let mut ts = unsafe { std::mem::zeroed::<libc::timespec>() };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_saturate() {
+        let ts = timespec(Duration::from_secs(u64::MAX));
+        assert_eq!(ts.tv_sec, libc::time_t::MAX);
+        let ts = timespec(Duration::new(3, 5));
+        assert_eq!((ts.tv_sec, ts.tv_nsec), (3, 5));
+    }
 }

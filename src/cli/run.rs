@@ -15,11 +15,12 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 
+use super::output::{err_line, printable};
 use super::process::{self, Group};
 use super::signals::{self, SignalFd};
 use super::{
     EXIT_CANNOT_RUN, EXIT_LOST, EXIT_NOT_FOUND, EXIT_NOT_GRANTED, EXIT_USAGE, Fail, ServerAddr,
-    parse_protocol_secs, parse_secs,
+    parse_bounded_secs, parse_protocol_secs,
 };
 use crate::client::{self, Client, Lock};
 use crate::protocol::DEFAULT_MAX_NAME_LEN;
@@ -61,7 +62,7 @@ pub struct RunArgs {
     retry: u32,
 
     /// Seconds between --retry attempts.
-    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_secs)]
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_bounded_secs)]
     retry_wait: Duration,
 
     /// Exit with N instead of 123 when the lock is not granted (as flock -E).
@@ -87,7 +88,7 @@ pub struct RunArgs {
     keep_alive: bool,
 
     /// Seconds between keepalives.
-    #[arg(long, value_name = "SECONDS", default_value = "15", value_parser = parse_secs)]
+    #[arg(long, value_name = "SECONDS", default_value = "15", value_parser = parse_bounded_secs)]
     keep_alive_secs: Duration,
 
     /// What to do when the lock is lost while the command runs (server restarted, connection
@@ -98,7 +99,7 @@ pub struct RunArgs {
     on_lost: OnLost,
 
     /// Seconds between SIGTERM and SIGKILL when the command is terminated.
-    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_secs)]
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_bounded_secs)]
     grace: Duration,
 
     /// Run the command with /bin/sh -c (for pipes and redirections); give it as one argument.
@@ -145,7 +146,9 @@ impl RunArgs {
             ));
         }
         if self.verbose() {
-            eprintln!("tcpnetlock: lock name {name} (made from the command)");
+            err_line(&format!(
+                "tcpnetlock: lock name {name} (made from the command)"
+            ));
         }
         Ok(name)
     }
@@ -208,8 +211,8 @@ pub fn run(args: RunArgs) -> Result<u8, Fail> {
     let lock = acquire(&client, &name, &args)?;
     if args.verbose() {
         match lock.token() {
-            Some(token) => eprintln!("tcpnetlock: lock {name} granted (token {token})"),
-            None => eprintln!("tcpnetlock: lock {name} granted"),
+            Some(token) => err_line(&format!("tcpnetlock: lock {name} granted (token {token})")),
+            None => err_line(&format!("tcpnetlock: lock {name} granted")),
         }
     }
     // Blocked before the fork, so that no signal is lost between the fork and the loop; a
@@ -250,11 +253,12 @@ fn acquire(client: &Client, name: &str, args: &RunArgs) -> Result<Lock, Fail> {
         if refused && retries > 0 {
             retries -= 1;
             if args.verbose() {
-                eprintln!(
-                    "tcpnetlock: lock {name}: {error}; {retries} retries left after this one, \
-                     next in {:?}",
+                err_line(&format!(
+                    "tcpnetlock: lock {name}: {}; {retries} retries left after this one, next \
+                     in {:?}",
+                    printable(&error.to_string()),
                     args.retry_wait
-                );
+                ));
             }
             thread::sleep(args.retry_wait);
             continue;
@@ -359,13 +363,13 @@ impl Run<'_> {
         if signal == libc::SIGCHLD {
             return;
         }
-        if self.args.verbose() {
-            eprintln!(
-                "tcpnetlock: passing SIG{} on to the command",
-                signals::name(signal)
-            );
-        }
         self.group.pass_on(signal);
+        if self.args.verbose() {
+            err_line(&format!(
+                "tcpnetlock: passed SIG{} on to the command",
+                signals::name(signal)
+            ));
+        }
     }
 
     fn ended(&mut self) -> std::io::Result<Option<Outcome>> {
@@ -388,21 +392,25 @@ impl Run<'_> {
         };
         self.lost = true;
         let name = self.name;
+        let why = printable(&why.to_string());
         if self.args.on_lost == OnLost::Ignore {
-            eprintln!(
+            err_line(&format!(
                 "tcpnetlock: warning: lock {name} lost: {why}; the command keeps running \
                  (--on-lost ignore)"
-            );
+            ));
             return;
         }
-        eprintln!(
+        // The command first, the words after: nothing that happens to the message (a closed
+        // stderr, a terminal that would stop a background writer) may delay the SIGTERM.
+        self.group.signal(libc::SIGTERM);
+        self.terminating = true;
+        // A grace the clock cannot count to never ends (the flag's bound keeps it far below).
+        self.kill_at = Instant::now().checked_add(self.args.grace);
+        err_line(&format!(
             "tcpnetlock: lock {name} lost: {why}; terminating the command (SIGTERM, SIGKILL \
              after {}s)",
             self.args.grace.as_secs_f64()
-        );
-        self.group.signal(libc::SIGTERM);
-        self.terminating = true;
-        self.kill_at = Some(Instant::now() + self.args.grace);
+        ));
     }
 
     fn kill_when_due(&mut self) {
@@ -415,10 +423,13 @@ impl Run<'_> {
 
 fn release(lock: Lock, name: &str, verbose: bool) {
     match lock.release() {
-        Ok(()) if verbose => eprintln!("tcpnetlock: lock {name} released"),
+        Ok(()) if verbose => err_line(&format!("tcpnetlock: lock {name} released")),
         Ok(()) => {}
         // The command has finished; all that is left to say is that the lock did not last.
-        Err(e) => eprintln!("tcpnetlock: warning: lock {name}: {e}"),
+        Err(e) => err_line(&format!(
+            "tcpnetlock: warning: lock {name}: {}",
+            printable(&e.to_string())
+        )),
     }
 }
 

@@ -1,17 +1,25 @@
 //! `tcpnetlock ping`, `stats` and `locks`: ask the server, show the answer to a person, or pass
 //! the server's JSON on with `--json`.
+//!
+//! The reply is read with serde_json: integers stay exact (a fencing token above 2^53 is shown
+//! as the server sent it), and any number, however large, is shown rather than turned into a
+//! duration that cannot exist. Text from the server is escaped before it reaches a terminal
+//! ([`output::printable`]); `--json` passes the server's bytes on unchanged, once they are known
+//! to be JSON.
 
 use std::time::Duration;
 
 use clap::Args;
+use serde_json::Value;
 
-use super::json::{self, Value};
+use super::output::{self, printable};
 use super::{EXIT_FAILURE, EXIT_UNREACHABLE, Fail, ServerAddr};
 use crate::client;
 
 const EXIT_CODES: &str = "\
-Exit status: 0 on an answer; 125 if the server cannot be reached; 1 if it answered with an error \
-or something unexpected; 2 for bad options.";
+Exit status: 0 on an answer (also when stdout is a pipe closed early, as by `head`); 125 if the \
+server cannot be reached; 1 if it answered with an error or something unexpected, or stdout \
+cannot be written; 2 for bad options.";
 
 #[derive(Debug, Args)]
 #[command(after_help = EXIT_CODES)]
@@ -29,35 +37,46 @@ pub fn ping(args: StatusArgs) -> Result<u8, Fail> {
     let client = args.server.client();
     let rtt = client.ping().map_err(|e| failure(&e))?;
     let ms = rtt.as_secs_f64() * 1000.0;
+    let server = client.server();
     if args.json {
-        println!(
-            "{{\"server\": \"{}\", \"reply\": \"pong\", \"rtt_ms\": {ms:.3}}}",
-            client.server()
-        );
+        let quoted = Value::from(server).to_string();
+        show(&format!(
+            "{{\"server\": {quoted}, \"reply\": \"pong\", \"rtt_ms\": {ms:.3}}}\n"
+        ))
     } else {
-        println!("pong from {} in {ms:.2} ms", client.server());
+        show(&format!("pong from {} in {ms:.2} ms\n", printable(&server)))
     }
-    Ok(0)
 }
 
 pub fn stats(args: StatusArgs) -> Result<u8, Fail> {
     let text = args.server.client().stats_json().map_err(|e| failure(&e))?;
+    let value = parse(&text)?;
     if args.json {
-        println!("{text}");
-        return Ok(0);
+        return show(&format!("{text}\n"));
     }
-    print!("{}", render_stats(&parse(&text)?));
-    Ok(0)
+    show(&render_stats(&value))
 }
 
 pub fn locks(args: StatusArgs) -> Result<u8, Fail> {
     let text = args.server.client().locks_json().map_err(|e| failure(&e))?;
+    let value = parse(&text)?;
     if args.json {
-        println!("{text}");
-        return Ok(0);
+        return show(&format!("{text}\n"));
     }
-    print!("{}", render_locks(&parse(&text)?));
-    Ok(0)
+    show(&render_locks(&value))
+}
+
+/// Writes the answer. A reader that has gone (`| head -1`) has all it wanted: no error, as
+/// ripgrep and most filters do; any other failure (a full disk) is one.
+fn show(text: &str) -> Result<u8, Fail> {
+    match output::out(text) {
+        Ok(()) => Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(0),
+        Err(e) => Err(Fail::new(
+            EXIT_FAILURE,
+            &format!("cannot write to stdout: {e}"),
+        )),
+    }
 }
 
 fn failure(e: &client::Error) -> Fail {
@@ -66,16 +85,46 @@ fn failure(e: &client::Error) -> Fail {
         E::Refused { .. } | E::Connect { .. } | E::Io(_) => EXIT_UNREACHABLE,
         _ => EXIT_FAILURE,
     };
-    Fail::new(code, &e.to_string())
+    Fail::new(code, &printable(&e.to_string()))
 }
 
 fn parse(text: &str) -> Result<Value, Fail> {
-    json::parse(text).map_err(|e| {
+    serde_json::from_str(text).map_err(|e| {
+        // Enough of the reply to recognise it, not a screenful.
+        let start: String = text.chars().take(200).collect();
+        let more = if start.len() < text.len() { "…" } else { "" };
         Fail::new(
             EXIT_FAILURE,
-            &format!("the server's JSON cannot be read ({e}); try --json"),
+            &format!(
+                "the server's reply is not JSON ({e}): {}{more}",
+                printable(&start)
+            ),
         )
     })
+}
+
+/// A value as a person reads it: text escaped and unquoted, whole numbers without a fraction,
+/// other numbers in their shortest form (`1.25`, `1e+308`), null as `-`.
+fn plain(value: &Value) -> String {
+    match value {
+        Value::Null => "-".into(),
+        Value::String(s) => printable(s),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+            _ => n.to_string(),
+        },
+        Value::Bool(b) => b.to_string(),
+        Value::Array(_) | Value::Object(_) => "…".into(),
+    }
+}
+
+/// Seconds from the server as a duration (`2m07s`); a number no duration can hold is shown
+/// as it is.
+fn seconds(value: &Value) -> String {
+    value
+        .as_f64()
+        .and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok())
+        .map_or_else(|| plain(value), human_duration)
 }
 
 /// The keys of `.stats` a person wants, in the order they make sense, with their labels.
@@ -102,7 +151,7 @@ const STATS: [(&str, &str); 17] = [
 
 fn render_stats(stats: &Value) -> String {
     let Value::Object(fields) = stats else {
-        return format!("{}\n", stats.plain());
+        return format!("{}\n", plain(stats));
     };
     let mut rows: Vec<(String, String)> = Vec::new();
     for (key, label) in STATS {
@@ -113,27 +162,30 @@ fn render_stats(stats: &Value) -> String {
             continue;
         }
         let shown = match key {
-            "uptime_secs" => value.as_f64().map_or(value.plain(), |s| {
-                human_duration(Duration::from_secs_f64(s.max(0.0)))
-            }),
-            "maxrss" => value
-                .as_f64()
-                .map_or(value.plain(), |kib| format!("{:.1} MiB", kib / 1024.0)),
-            "threads" => match stats.get("threads_idle") {
-                Some(idle) => format!("{} ({} idle)", value.plain(), idle.plain()),
-                None => value.plain(),
+            "uptime_secs" => seconds(value),
+            "maxrss" => match value.as_f64() {
+                Some(kib) if kib.abs() < 1e15 => format!("{:.1} MiB", kib / 1024.0),
+                _ => plain(value),
             },
-            _ => value.plain(),
+            "threads" => match stats.get("threads_idle") {
+                Some(idle) => format!("{} ({} idle)", plain(value), plain(idle)),
+                None => plain(value),
+            },
+            _ => plain(value),
         };
         rows.push((label.to_owned(), shown));
     }
     // Whatever a newer server adds, under its own name.
     for (key, value) in fields {
         if key != "threads_idle" && !STATS.iter().any(|(k, _)| k == key) {
-            rows.push((key.clone(), value.plain()));
+            rows.push((printable(key), plain(value)));
         }
     }
-    let width = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
+    let width = rows
+        .iter()
+        .map(|(l, _)| l.chars().count())
+        .max()
+        .unwrap_or(0);
     rows.iter()
         .map(|(label, value)| format!("{label:width$}  {value}\n"))
         .collect()
@@ -141,7 +193,7 @@ fn render_stats(stats: &Value) -> String {
 
 fn render_locks(locks: &Value) -> String {
     let Value::Object(names) = locks else {
-        return format!("{}\n", locks.plain());
+        return format!("{}\n", plain(locks));
     };
     if names.is_empty() {
         return "no locks held\n".into();
@@ -149,24 +201,21 @@ fn render_locks(locks: &Value) -> String {
     let mut rows =
         vec![["NAME", "HOLDER", "PEER", "HELD", "TOKEN", "TTL", "WAITING"].map(String::from)];
     for (name, lock) in names {
-        let max = lock.get("max").and_then(Value::as_f64).unwrap_or(1.0);
-        let title = if max > 1.0 {
-            format!("{name} (max {max})")
-        } else {
-            name.clone()
+        let name = printable(name);
+        let title = match lock.get("max") {
+            Some(max) if max.as_u64() != Some(1) && !max.is_null() => {
+                format!("{name} (max {})", plain(max))
+            }
+            _ => name,
         };
-        let waiting = lock.get("waiting").map_or("0".into(), Value::plain);
+        let waiting = lock.get("waiting").map_or("0".into(), plain);
         let holders = match lock.get("holders") {
             Some(Value::Array(h)) => h.as_slice(),
             _ => &[],
         };
         for h in holders {
-            let secs = |key: &str| {
-                h.get(key).and_then(Value::as_f64).map_or("-".into(), |s| {
-                    human_duration(Duration::from_secs_f64(s.max(0.0)))
-                })
-            };
-            let field = |key: &str| h.get(key).map_or("-".into(), Value::plain);
+            let secs = |key: &str| h.get(key).map_or("-".into(), seconds);
+            let field = |key: &str| h.get(key).map_or("-".into(), plain);
             rows.push([
                 title.clone(),
                 field("client_id"),
@@ -229,7 +278,7 @@ mod tests {
 
     #[test]
     fn stats_from_0_1_8() {
-        let v = json::parse(
+        let v = serde_json::from_str(
             r#"{"requests_count": 3, "lock_acquired_count": 1, "lock_not_acquired_count": 0, "lock_count": 1, "maxrss": 20480}"#,
         )
         .unwrap();
@@ -240,7 +289,7 @@ mod tests {
 
     #[test]
     fn locks_table() {
-        let v = json::parse(
+        let v = serde_json::from_str(
             r#"{"a": {"max": 1, "waiting": 2, "holders": [{"client_id": "ci-7", "peer": "127.0.0.1:5", "held_secs": 1.25, "token": 17, "ttl_secs": null}]},
                 "s": {"max": 3, "waiting": 0, "holders": [{"client_id": null, "peer": "[::1]:9", "held_secs": 0.5, "token": 18, "ttl_secs": 30.0}, {"client_id": null, "peer": "[::1]:8", "held_secs": 0.1, "token": 19, "ttl_secs": 30.0}]}}"#,
         )
@@ -252,6 +301,9 @@ mod tests {
              s (max 3)  -       [::1]:9      500ms  18     30.0s  0\n\
              s (max 3)  -       [::1]:8      100ms  19     30.0s  0\n"
         );
-        assert_eq!(render_locks(&json::parse("{}").unwrap()), "no locks held\n");
+        assert_eq!(
+            render_locks(&serde_json::from_str("{}").unwrap()),
+            "no locks held\n"
+        );
     }
 }

@@ -436,8 +436,11 @@ impl Check {
         let snap_names: Vec<&str> = snap.iter().map(|l| &*l.name).collect();
         assert_eq!(snap_names, held, "snapshot names, sorted");
         assert_eq!(t.held(), snap.len());
-        assert_eq!(t.holders(), snap.iter().map(|l| l.holders.len()).sum());
-        assert_eq!(t.waiting(), snap.iter().map(|l| l.waiting).sum());
+        assert_eq!(
+            t.holders(),
+            snap.iter().map(|l| l.holders.len()).sum::<usize>()
+        );
+        assert_eq!(t.waiting(), snap.iter().map(|l| l.waiting).sum::<usize>());
         for lock in &snap {
             let n = &m.names[&*lock.name];
             assert_eq!(lock.max, n.max);
