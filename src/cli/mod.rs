@@ -194,7 +194,7 @@ fn report(program: &str, fail: &Fail) {
     if fail.plain {
         eprintln!("{}", fail.message);
     } else {
-        log::error!("{}", fail.message);
+        crate::log::fatal(&fail.message);
         eprintln!("{program}: error: {}", fail.message);
     }
 }
