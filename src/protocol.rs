@@ -167,12 +167,32 @@ pub fn parse_seconds(text: &str) -> Option<Duration> {
     (d <= Duration::from_secs(MAX_SECONDS)).then_some(d)
 }
 
-/// Client text echoed in an error line: at most 64 characters, control characters replaced.
+/// Longest client text echoed in an error line, in characters, escapes included.
+const ECHO_CHARS: usize = 64;
+
+/// Client text echoed in an error line (and so in the server's log): every character that does
+/// not print as itself is escaped as Rust writes it (`\u{202e}`, `\t`), a backslash as `\\`,
+/// so that nothing a client sends can end the line or reorder or hide text on the reader's
+/// screen. That is C0 and C1 controls, line and paragraph separators (U+2028, U+2029), bidi
+/// controls (U+200E, U+202A–U+202E, U+2066–U+2069) and every other format character, spaces
+/// other than ' ', unassigned and private-use code points, and combining marks. At most
+/// [`ECHO_CHARS`] characters: an escape is not cut.
 fn printable(text: &str) -> String {
-    text.chars()
-        .take(64)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+    let mut out = String::new();
+    let mut len = 0;
+    for c in text.chars() {
+        let escaped: String = match c {
+            // escape_debug quotes these for a Rust literal; on their own they print as themselves.
+            '\'' | '"' => c.into(),
+            _ => c.escape_debug().collect(),
+        };
+        len += escaped.chars().count();
+        if len > ECHO_CHARS {
+            break;
+        }
+        out.push_str(&escaped);
+    }
+    out
 }
 
 impl<'a> Request<'a> {
@@ -415,8 +435,30 @@ mod tests {
         }
         assert_eq!(
             parse("lock,name:a,\u{7}:1"),
-            Err(Reply::Err("unknown parameter ?".into()))
+            Err(Reply::Err("unknown parameter \\u{7}".into()))
         );
+    }
+
+    #[test]
+    fn echoed_text_escapes_what_does_not_print_as_itself() {
+        for (raw, echoed) in [
+            (
+                "a\u{2028}b\u{2029}\u{202e}\u{200e}\u{2066}\u{feff}\u{ad}",
+                "a\\u{2028}b\\u{2029}\\u{202e}\\u{200e}\\u{2066}\\u{feff}\\u{ad}",
+            ),
+            (
+                "\u{85}\u{9b}\u{1b}\t\\\u{a0}\u{e000}\u{10ffff}",
+                "\\u{85}\\u{9b}\\u{1b}\\t\\\\\\u{a0}\\u{e000}\\u{10ffff}",
+            ),
+            ("'\"é日 x", "'\"é日 x"),
+        ] {
+            assert_eq!(printable(raw), echoed, "{raw:?}");
+        }
+        // 62 characters, then an escape that would pass 64: cut before it, not inside.
+        let text = format!("{}\u{2028}", "k".repeat(62));
+        assert_eq!(printable(&text), "k".repeat(62));
+        let text = format!("{}\u{2028}", "k".repeat(56));
+        assert_eq!(printable(&text), format!("{}\\u{{2028}}", "k".repeat(56)));
     }
 
     #[test]

@@ -185,3 +185,239 @@ fn syslog_target_that_cannot_be_reached_exits_2() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("/nonexistent/log.sock"), "{stderr}");
 }
+
+#[test]
+fn out_of_range_flags_exit_2_naming_the_flag() {
+    let cases: [(&str, &[&str]); 8] = [
+        (
+            "--max-line-length",
+            &[
+                "15",
+                "1048577",
+                "100000000000",
+                "18446744073709551615",
+                "18446744073709551616",
+            ],
+        ),
+        (
+            "--max-connections",
+            &["0", "1000001", "18446744073709551615"],
+        ),
+        (
+            "--max-name-length",
+            &["0", "1048577", "18446744073709551615"],
+        ),
+        (
+            "--request-timeout",
+            &["0", "0.0009", "86400.5", "1e19", "-1", "inf", "NaN"],
+        ),
+        ("--keepalive-time", &["32768", "1e19", "0.5", "-1"]),
+        ("--keepalive-interval", &["0", "32768", "100000"]),
+        ("--keepalive-probes", &["0", "128", "200", "4294967296"]),
+        ("--port", &["65536"]),
+    ];
+    for (flag, values) in cases {
+        for value in values {
+            // A server that accepted the value would run until killed: bounded wait.
+            let (code, _, stderr) = common::run_within(
+                Command::new(BIN)
+                    .args(["server", "--log", "stderr", "--listen", "127.0.0.1:0"])
+                    .arg(format!("{flag}={value}"))
+                    .env_remove("LISTEN_FDS"),
+                Duration::from_secs(10),
+            );
+            assert_eq!(code, 2, "{flag} {value}: {stderr}");
+            assert!(
+                stderr.contains(&format!("'{flag} <")) && stderr.contains(value),
+                "{flag} {value}: {stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn flags_at_their_bounds_are_accepted() {
+    for args in [
+        &[
+            "--max-line-length",
+            "1048576",
+            "--max-connections",
+            "1000000",
+            "--max-name-length",
+            "1048576",
+            "--request-timeout",
+            "86400",
+            "--keepalive-time",
+            "32767",
+            "--keepalive-interval",
+            "32767",
+            "--keepalive-probes",
+            "127",
+        ][..],
+        &[
+            "--max-line-length",
+            "16",
+            "--max-connections",
+            "1",
+            "--max-name-length",
+            "1",
+            "--request-timeout",
+            "0.001",
+            "--keepalive-time",
+            "1",
+            "--keepalive-interval",
+            "1",
+            "--keepalive-probes",
+            "1",
+        ],
+    ] {
+        let s = Server::start(args);
+        assert!(
+            s.log_text().contains("dead peers dropped after"),
+            "{args:?}: {}",
+            s.log_text()
+        );
+        let mut c = s.connect();
+        c.send_raw(b".ping\n");
+        assert_eq!(c.line(), "pong", "{args:?}");
+    }
+}
+
+/// Starts a server (default signal dispositions, whatever the test runner's are), with a holder
+/// of lock `held`.
+fn server_with_holder() -> (Server, Client) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(BIN);
+    cmd.args(["server", "--listen", "127.0.0.1:0", "--log", "stderr"]);
+    // SAFETY: signal() is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::signal(s, libc::SIG_DFL);
+            }
+            Ok(())
+        });
+    }
+    let s = Server::spawn(cmd);
+    let (holder, reply) = common::try_lock(s.addr, "held");
+    assert_eq!(reply, "ok");
+    (s, holder)
+}
+
+fn exits_within(s: &mut Server, limit: Duration) -> i32 {
+    let mut status = None;
+    common::wait_until(limit, || {
+        status = s.child.try_wait().unwrap();
+        status.is_some()
+    });
+    common::code(status.unwrap_or_else(|| panic!("still running after {limit:?}")))
+}
+
+#[test]
+fn sigterm_and_sigint_stop_the_server_saying_so() {
+    // SIGTERM: an orderly stop, status 0. SIGINT: raised again after the log, as a shell expects
+    // of an interrupted program (128 + 2).
+    for (signal, name, status) in [(libc::SIGTERM, "SIGTERM", 0), (libc::SIGINT, "SIGINT", 130)] {
+        let (mut s, mut holder) = server_with_holder();
+        let sent = std::time::Instant::now();
+        common::signal(s.child.id() as i32, signal);
+        assert!(
+            holder.closed_within(Duration::from_secs(3)),
+            "{name}: the holder's connection stayed open"
+        );
+        let closed = sent.elapsed();
+        assert_eq!(
+            exits_within(&mut s, Duration::from_secs(3)),
+            status,
+            "{name}"
+        );
+        assert!(
+            closed < Duration::from_secs(2),
+            "{name}: closed after {closed:?}"
+        );
+        assert!(
+            common::wait_until(Duration::from_secs(2), || s.log_text().contains(&format!(
+                "INFO: stopping on {name}: closing every connection (1 locks held"
+            )))
+            .is_some(),
+            "{name}: {}",
+            s.log_text()
+        );
+    }
+}
+
+#[test]
+fn sighup_does_not_stop_the_server() {
+    let (mut s, mut holder) = server_with_holder();
+    common::signal(s.child.id() as i32, libc::SIGHUP);
+    assert!(
+        common::wait_until(Duration::from_secs(5), || s
+            .log_text()
+            .contains("SIGHUP ignored"))
+        .is_some(),
+        "{}",
+        s.log_text()
+    );
+    assert_eq!(s.child.try_wait().unwrap(), None, "{}", s.log_text());
+    assert_eq!(s.connect().ask(".ping"), "pong");
+    assert_eq!(common::try_lock(s.addr, "held").1, "not-granted");
+    assert_eq!(holder.ask("release"), "released");
+}
+
+#[test]
+fn maxrss_is_the_servers_own_peak_not_its_launchers() {
+    // A launcher that touches 200 MB, then becomes the server (same process, new program):
+    // Linux carries ru_maxrss across exec, VmHWM starts again.
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-c",
+        "import os, sys\n\
+         b = b'x' * (200 << 20)\n\
+         os.execv(sys.argv[1], sys.argv[1:])",
+        BIN,
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--log",
+        "stderr",
+    ]);
+    let s = Server::spawn(cmd);
+    let kib = s.stat("maxrss");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.child.id())).unwrap();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .unwrap()
+        .to_owned();
+    assert!(
+        kib > 0.0 && kib < 50.0 * 1024.0,
+        "maxrss {kib} KiB (the process's {hwm})"
+    );
+}
+
+#[test]
+fn a_fatal_error_is_printed_once_and_reaches_syslog() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let (code, stderr) = run_to_exit(&["server", "--log", "stderr", "--port", &port]);
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(stderr.matches("cannot bind").count(), 1, "{stderr}");
+
+    // To syslog, the error is logged (written out before the process exits) as well as printed.
+    let dir = TempDir::new("syslog-fatal");
+    let path = dir.path.join("log.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let target = format!("syslog:{}", path.display());
+    let (code, stderr) = run_to_exit(&["server", "--log", &target, "--port", &port]);
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(stderr.matches("cannot bind").count(), 1, "{stderr}");
+    let mut buf = [0u8; 2048];
+    let n = sock.recv(&mut buf).expect("the error in syslog");
+    let line = String::from_utf8_lossy(&buf[..n]);
+    // Facility daemon (3), severity error (3).
+    assert!(
+        line.starts_with("<27>") && line.contains("cannot bind 127.0.0.1:"),
+        "{line}"
+    );
+}

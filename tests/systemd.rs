@@ -207,3 +207,37 @@ fn keepalive_of_a_systemd_socket_is_kept_unless_flags_say_otherwise() {
         s.log_text()
     );
 }
+
+#[test]
+fn sigterm_sends_stopping_then_ends_connections_and_exits_0() {
+    let (mut s, sock, _dir) = with_notify_socket(&[]);
+    assert!(recv(&sock).contains("READY=1"));
+    let (mut holder, reply) = common::try_lock(s.addr, "held");
+    assert_eq!(reply, "ok");
+    common::signal(s.child.id() as i32, libc::SIGTERM);
+    let stopping = (0..10)
+        .map(|_| recv(&sock))
+        .find(|m| m.lines().any(|l| l == "STOPPING=1"))
+        .expect("STOPPING=1");
+    assert!(
+        stopping.contains("STATUS=stopping on SIGTERM"),
+        "{stopping:?}"
+    );
+    assert!(
+        holder.closed_within(Duration::from_secs(3)),
+        "the holder's connection stayed open"
+    );
+    let exited = common::wait_until(Duration::from_secs(3), || {
+        s.child.try_wait().unwrap().is_some()
+    });
+    assert!(exited.is_some(), "still running");
+    assert_eq!(s.child.wait().unwrap().code(), Some(0), "{}", s.log_text());
+    assert!(
+        common::wait_until(Duration::from_secs(2), || s
+            .log_text()
+            .contains("stopping on SIGTERM"))
+        .is_some(),
+        "{}",
+        s.log_text()
+    );
+}

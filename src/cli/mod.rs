@@ -309,8 +309,10 @@ fn report(program: &str, fail: &Fail) {
         output::err_line(&fail.message);
         return;
     }
-    if !crate::log::to_stderr() && !stderr_is_journal() {
-        log::error!("{}", fail.message);
+    if stderr_is_journal() {
+        ::log::logger().flush();
+    } else {
+        crate::log::fatal(&fail.message);
     }
     output::err_line(&format!("{program}: error: {}", fail.message));
 }

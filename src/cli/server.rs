@@ -4,6 +4,7 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use clap::Args;
+use clap::builder::RangedU64ValueParser;
 use log::{LevelFilter, info, warn};
 
 use crate::log::Target;
@@ -23,40 +24,49 @@ pub struct ServerArgs {
     #[arg(short, long, default_value_t = 7654)]
     port: u16,
 
-    /// Open connections allowed at once; past it, new clients get `err,too many connections`.
-    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    /// Open connections allowed at once (1 to 1000000); past it, new clients get
+    /// `err,too many connections`.
+    #[arg(long, value_name = "N", default_value_t = 10_000,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_CONNECTIONS))]
     max_connections: usize,
 
-    /// Open connections allowed at once from one client address; past it, that address gets
-    /// `err,too many connections from your address`. Off by default: behind NAT, a load balancer
-    /// or a Kubernetes Service every client may share one address.
+    /// Open connections allowed at once from one client address (1 to 1000000); past it, that
+    /// address gets `err,too many connections from your address`. Off by default: behind NAT, a
+    /// load balancer or a Kubernetes Service every client may share one address.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections_per_peer: Option<u32>,
 
-    /// Longest request line in bytes, without its line ending; longer gets `bad-request`.
-    #[arg(long, value_name = "BYTES", default_value_t = 1024)]
+    /// Longest request line in bytes (16 to 1048576), without its line ending; longer gets
+    /// `bad-request`.
+    #[arg(long, value_name = "BYTES", default_value_t = 1024,
+          value_parser = RangedU64ValueParser::<usize>::new().range(16..=MAX_LINE))]
     max_line_length: usize,
 
-    /// Longest lock name.
-    #[arg(long, value_name = "N", default_value_t = crate::protocol::DEFAULT_MAX_NAME_LEN)]
+    /// Longest lock name (1 to 1048576).
+    #[arg(long, value_name = "N", default_value_t = crate::protocol::DEFAULT_MAX_NAME_LEN,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_LINE))]
     max_name_length: usize,
 
-    /// Seconds a new connection has to send its first complete request.
-    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_secs)]
+    /// Seconds a new connection has to send its first complete request (0.001 to 86400).
+    #[arg(long, value_name = "SECS", default_value = "10",
+          value_parser = secs_between(Duration::from_millis(1), MAX_REQUEST_TIMEOUT))]
     request_timeout: Duration,
 
-    /// Idle seconds before TCP keepalive probes a connection [default: 20]; 0 turns keepalive
-    /// off. A vanished peer is dropped after time + interval × probes (default 40 s). Without
-    /// these flags, sockets passed by systemd with KeepAlive=yes keep the unit's timings.
-    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
-    keepalive_time: Option<Duration>,
+    /// Idle seconds before TCP keepalive probes a connection (1 to 32767) [default: 20]; 0 turns
+    /// keepalive off. A vanished peer is dropped after time + interval × probes (default 40 s).
+    /// Without these flags, sockets passed by systemd with KeepAlive=yes keep the unit's timings.
+    #[arg(long, value_name = "SECS",
+          value_parser = whole_secs_between(0, MAX_KEEPALIVE_SECS))]
+    keepalive_time: Option<u64>,
 
-    /// Seconds between TCP keepalive probes [default: 5].
-    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
-    keepalive_interval: Option<Duration>,
+    /// Seconds between TCP keepalive probes (1 to 32767) [default: 5].
+    #[arg(long, value_name = "SECS",
+          value_parser = whole_secs_between(1, MAX_KEEPALIVE_SECS))]
+    keepalive_interval: Option<u64>,
 
-    /// Unanswered TCP keepalive probes before the connection is dropped [default: 4].
-    #[arg(long, value_name = "N")]
+    /// Unanswered TCP keepalive probes before the connection is dropped (1 to 127) [default: 4].
+    #[arg(long, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=MAX_KEEPALIVE_PROBES))]
     keepalive_probes: Option<u32>,
 
     /// Directory for state kept across restarts: the fencing-token reservation, so tokens keep
@@ -103,44 +113,28 @@ impl ServerArgs {
         }
     }
 
-    fn config(&self) -> Result<Config, Fail> {
-        let usage = |msg: &str| Fail::new(EXIT_USAGE, msg);
-        if self.max_connections == 0 {
-            return Err(usage("--max-connections must be at least 1"));
-        }
-        if self.max_line_length < 16 {
-            return Err(usage("--max-line-length must be at least 16"));
-        }
-        if self.max_name_length == 0 {
-            return Err(usage("--max-name-length must be at least 1"));
-        }
-        if self.request_timeout.is_zero() {
-            return Err(usage("--request-timeout must be more than 0"));
-        }
+    /// The server's configuration; every value is already within its bounds (the flags'
+    /// parsers check them).
+    fn config(&self) -> Config {
         let defaults = Config::default()
             .keepalive
             .expect("keepalive is on by default");
-        let time = self.keepalive_time.unwrap_or(defaults.time);
-        let interval = self.keepalive_interval.unwrap_or(defaults.interval);
+        let time = self
+            .keepalive_time
+            .map_or(defaults.time, Duration::from_secs);
+        let interval = self
+            .keepalive_interval
+            .map_or(defaults.interval, Duration::from_secs);
         let probes = self.keepalive_probes.unwrap_or(defaults.probes);
-        let keepalive = if time.is_zero() {
-            None
-        } else {
-            if interval < Duration::from_secs(1) || probes == 0 {
-                return Err(usage(
-                    "--keepalive-interval must be at least 1 and --keepalive-probes at least 1",
-                ));
-            }
-            Some(Keepalive {
-                time: time.max(Duration::from_secs(1)),
-                interval,
-                probes,
-            })
-        };
+        let keepalive = (!time.is_zero()).then_some(Keepalive {
+            time,
+            interval,
+            probes,
+        });
         let keepalive_from_flags = self.keepalive_time.is_some()
             || self.keepalive_interval.is_some()
             || self.keepalive_probes.is_some();
-        Ok(Config {
+        Config {
             max_connections: self.max_connections,
             max_connections_per_peer: self.max_connections_per_peer.map(|n| n as usize),
             max_line: self.max_line_length,
@@ -151,12 +145,66 @@ impl ServerArgs {
             allow_shutdown: self.allow_shutdown_from_loopback,
             state_dir: self.state_dir.clone(),
             ..Config::default()
-        })
+        }
+    }
+}
+
+/// The largest `--max-connections`. Each connection is a descriptor, and the kernel caps a
+/// process's descriptors at fs.nr_open (1048576 by default): more could never be open.
+const MAX_CONNECTIONS: u64 = 1_000_000;
+/// The largest `--max-line-length` and `--max-name-length`. Each connection allocates a buffer
+/// of the line length when it connects, and a request is an action, a name and a few short
+/// parameters: 1 MiB is far beyond any real request and still a bounded cost per connection.
+const MAX_LINE: u64 = 1 << 20;
+/// The longest `--request-timeout`: a day. A client that needs longer to send one line is gone.
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// The kernel's limits for TCP_KEEPIDLE and TCP_KEEPINTVL (seconds) and TCP_KEEPCNT: larger
+/// values are refused with EINVAL when the listening socket is set up. Whole seconds, as the
+/// kernel counts them.
+const MAX_KEEPALIVE_SECS: u64 = 32767;
+const MAX_KEEPALIVE_PROBES: i64 = 127;
+
+/// A parser for whole seconds from `min` to `max`.
+fn whole_secs_between(
+    min: u64,
+    max: u64,
+) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync + 'static {
+    move |text| {
+        text.trim()
+            .parse()
+            .ok()
+            .filter(|s| (min..=max).contains(s))
+            .ok_or_else(|| format!("expected whole seconds from {min} to {max}"))
+    }
+}
+
+/// A parser for seconds (`10`, `0.5`) from `min` to `max`.
+fn secs_between(
+    min: Duration,
+    max: Duration,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |text| {
+        let d = parse_secs(text)?;
+        if d < min || d > max {
+            return Err(format!(
+                "{text} is not in {}..={} seconds",
+                min.as_secs_f64(),
+                max.as_secs_f64()
+            ));
+        }
+        Ok(d)
     }
 }
 
 pub fn run(args: ServerArgs) -> Result<(), Fail> {
-    let config = args.config()?;
+    let config = args.config();
+    // Before any thread starts, so that every thread inherits the mask.
+    notify::block_signals().map_err(|e| {
+        Fail::new(
+            EXIT_FAILURE,
+            &format!("cannot block the signals that stop the server: {e}"),
+        )
+    })?;
     crate::log::init(args.log.clone(), args.level()).map_err(|e| Fail::new(EXIT_USAGE, &e))?;
     server::raise_fd_limit();
 

@@ -111,6 +111,9 @@ impl Keepalive {
     }
 }
 
+/// The largest TCP_USER_TIMEOUT the kernel accepts.
+const MAX_USER_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
+
 /// Sets the options every accepted connection needs on the listening socket, which Linux copies
 /// to each socket it accepts (saving six system calls per connection): TCP keepalive, so that a
 /// holder whose host vanished is dropped; TCP_USER_TIMEOUT, so the same bound holds while our
@@ -142,7 +145,10 @@ pub fn configure_listener(
                     .with_interval(k.interval)
                     .with_retries(k.probes),
             )?;
-            socket.set_tcp_user_timeout(Some(k.bound()))?;
+            // The kernel reads TCP_USER_TIMEOUT as a signed int of milliseconds and refuses
+            // larger values: the longest keepalive bound the flags allow (32767 s + 127 ×
+            // 32767 s) is past that, so the timeout is cut to its maximum (24.8 days).
+            socket.set_tcp_user_timeout(Some(k.bound().min(MAX_USER_TIMEOUT)))?;
         }
         None => {
             socket.set_keepalive(false)?;

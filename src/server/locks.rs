@@ -104,6 +104,14 @@ impl Locks {
     /// gone: its place passes on at once (in a loop, not by recursion: a queue of departed
     /// waiters may be long).
     fn deliver(&self, events: Events) {
+        self.deliver_with(events, true);
+    }
+
+    fn deliver_quietly(&self, events: Events) {
+        self.deliver_with(events, false);
+    }
+
+    fn deliver_with(&self, events: Events, log_grants: bool) {
         let mut pending = VecDeque::from(events);
         while let Some(event) = pending.pop_front() {
             match event {
@@ -112,7 +120,10 @@ impl Locks {
                     token,
                     handle,
                 } => match handle.write_grant(token) {
-                    Ok(()) => debug!("lock {}: granted (token {token})", handle.name),
+                    Ok(()) if log_grants => {
+                        debug!("lock {}: granted to a waiter (token {token})", handle.name)
+                    }
+                    Ok(()) => {}
                     Err(e) => {
                         debug!("lock {}: grant to a departed client ({e})", handle.name);
                         let mut inner = self.inner();
@@ -138,18 +149,20 @@ impl Locks {
     pub fn lock(&self, name: &str, req: LockRequest<Arc<Link>>) -> Decision {
         let handle = Arc::clone(&req.handle);
         let conn = req.conn;
-        self.change(|table, now| {
-            let decision = table.lock(name, req, now);
-            let events = match decision {
-                Decision::Granted { token } => vec![Event::Granted {
-                    conn,
-                    token,
-                    handle,
-                }],
-                _ => Vec::new(),
-            };
-            (decision, events)
-        })
+        let mut inner = self.inner();
+        let decision = inner.table.lock(name, req, Instant::now());
+        let granted = match decision {
+            Decision::Granted { token } => vec![Event::Granted {
+                conn,
+                token,
+                handle,
+            }],
+            _ => Vec::new(),
+        };
+        let granted = self.settle(inner, granted);
+        // The connection's own thread logs its grant, with its peer.
+        self.deliver_quietly(granted);
+        decision
     }
 
     /// The connection sent a request: a holder's lease starts over. Returns where it stands.

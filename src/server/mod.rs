@@ -358,7 +358,7 @@ impl Server {
              \"wait_timeout_count\": {}, \"lease_expired_count\": {}, \
              \"max_mismatch_count\": {}, \"connections\": {}, \
              \"threads\": {threads}, \"threads_idle\": {idle}, \"uptime_secs\": {:.3}, \
-             \"version\": \"{}\"}}",
+             \"log_lines_dropped\": {}, \"version\": \"{}\"}}",
             self.requests.load(Ordering::Relaxed),
             c.acquired,
             c.not_acquired,
@@ -370,6 +370,7 @@ impl Server {
             c.max_mismatches,
             self.open.load(Ordering::Relaxed),
             self.started.elapsed().as_secs_f64(),
+            crate::log::dropped(),
             env!("CARGO_PKG_VERSION"),
         );
         json
@@ -442,8 +443,26 @@ fn refuse(mut stream: TcpStream, reply: &Reply) {
     let _ = stream.shutdown(Shutdown::Write);
 }
 
-/// Peak resident set size in KiB, as 0.1.8 reported it (`ru_maxrss`).
+/// The server's own peak resident set size in KiB: VmHWM, from /proc/self/status.
+///
+/// Not `ru_maxrss`, which 0.1.8 reported: Linux carries it across exec, so a server started by a
+/// launcher that once used 200 MB reported that launcher's peak. Without /proc, `ru_maxrss` is
+/// the fallback: never less than the truth.
 fn maxrss_kib() -> i64 {
+    let hwm = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line["VmHWM:".len()..]
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        });
+    if let Some(kib) = hwm {
+        return kib;
+    }
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: getrusage fills the struct we own; on failure we report 0.
     if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } != 0 {
