@@ -164,6 +164,7 @@ impl<'a> Session<'a> {
         match decision {
             Decision::Granted { token } => {
                 debug!("{peer}: lock {name} granted (token {token})");
+                server.tokens.cover(token);
                 if send(&link.stream, &Reply::granted(token, link.fencing)).is_err() {
                     return None; // dropping the session frees the lock
                 }

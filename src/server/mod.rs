@@ -87,7 +87,9 @@ pub struct Server {
     /// descriptors: otherwise the pending connection stays in the backlog and accept() fails at
     /// once, forever, spinning a core.
     reserve_fd: Mutex<Option<TcpListener>>,
-    tokens: Mutex<tokens::Tokens>,
+    /// Keeps the stored token reservation above every token that goes out: grants pass their
+    /// token to [`tokens::Tokens::cover`] before replying.
+    tokens: tokens::Tokens,
 }
 
 /// The one job of a pool worker: accept on `listener` (see [`Server::accept_loop`]).
@@ -150,17 +152,8 @@ impl Server {
             open: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             reserve_fd: Mutex::new(None),
-            tokens: Mutex::new(tokens),
+            tokens,
         }))
-    }
-
-    /// Keeps the stored token reservation ahead of the grants; called by the status loop.
-    pub fn keep_tokens_ahead(&self) {
-        let next = self.table().next_token();
-        let mut tokens = self.tokens.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Err(e) = tokens.keep_ahead(next) {
-            warn!("cannot store the fencing-token reservation: {e}");
-        }
     }
 
     /// The lock table. Callers keep the guard for one table call, never across I/O.
@@ -252,6 +245,7 @@ impl Server {
                     token,
                     handle,
                 } => {
+                    self.tokens.cover(token);
                     if let Err(e) = handle.notify(&Reply::granted(token, handle.fencing)) {
                         // Gone, or not reading: the place goes to the next in line.
                         debug!("lock {}: grant to a departed waiter ({e})", handle.name);

@@ -34,7 +34,6 @@ pub fn run(server: Arc<Server>) -> ! {
     let every = watchdog.map_or(STATUS_EVERY, |w| (w / 2).min(STATUS_EVERY));
     loop {
         thread::sleep(every);
-        server.keep_tokens_ahead();
         let status = server.status_line();
         if watchdog.is_some() {
             send(&[NotifyState::Status(&status), NotifyState::Watchdog]);
