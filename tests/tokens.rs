@@ -82,6 +82,57 @@ fn tokens_never_go_back_when_the_reservation_file_is_lost() {
 }
 
 #[test]
+fn the_reservation_moves_ahead_with_the_grants() {
+    // The server keeps the stored reservation 0.1 s (100,000 tokens) above the tokens or the
+    // clock and extends it when a grant comes within half of that: 51,000 grants get there.
+    const GRANTS: usize = 51_000;
+    const THREADS: usize = 4;
+    let dir = TempDir::new("tokens-extend");
+    let s = start(&dir.path);
+    let read = || -> u64 {
+        fs::read_to_string(dir.path.join(FILE))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let at_start = read();
+    let addr = s.addr;
+    let highest = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                scope.spawn(move || {
+                    (0..GRANTS / THREADS)
+                        .map(|i| {
+                            let mut c = common::Client::connect(addr);
+                            let reply = c.ask(&format!("lock,name:x{t}-{i},fencing:1"));
+                            reply["ok,token:".len()..].parse::<u64>().unwrap()
+                        })
+                        .max()
+                        .unwrap()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap())
+            .max()
+            .unwrap()
+    });
+    // Every grant's reply came after the write that covers it.
+    let at_end = read();
+    assert!(
+        at_end > at_start && at_end > highest,
+        "reservation {at_start} at start, {at_end} after tokens up to {highest}"
+    );
+    assert!(
+        at_end <= wall_us() + 100_000,
+        "the reservation {at_end} is more than 0.1 s ahead of the clock {}",
+        wall_us()
+    );
+}
+
+#[test]
 fn a_reservation_slightly_ahead_of_the_clock_is_waited_out() {
     let dir = TempDir::new("tokens-wait");
     let ahead = 600_000;

@@ -216,7 +216,7 @@ fn first_token(path: &Path, stored: Option<u64>) -> u64 {
                     path.display()
                 );
             }
-            wall + 1
+            wall.saturating_add(1)
         }
         Plan::Wait { until } => {
             info!(
@@ -245,7 +245,7 @@ fn first_token(path: &Path, stored: Option<u64>) -> u64 {
                  token that large, stop the server and delete the file to return to the clock",
                 path.display()
             );
-            AFTER_DAMAGE.max(wall) + 1
+            AFTER_DAMAGE.max(wall).saturating_add(1)
         }
     }
 }
@@ -257,7 +257,7 @@ fn wait_for_clock(until: u64) -> u64 {
     loop {
         let wall = wall_us();
         if wall > until {
-            return wall + 1;
+            return wall.saturating_add(1);
         }
         let left = give_up.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -266,7 +266,7 @@ fn wait_for_clock(until: u64) -> u64 {
                  continue above it, ahead of the clock",
                 micros(MAX_START_WAIT)
             );
-            return until + 1;
+            return until.saturating_add(1);
         }
         thread::sleep(Duration::from_micros(until - wall + 1).min(left));
     }
