@@ -413,5 +413,9 @@ fn the_state_dir_must_be_usable() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("fencing-token reservation"), "{stderr}");
+    assert!(
+        stderr.contains("fencing-token reservation")
+            && stderr.contains("the state directory /nonexistent/tcpnetlock does not exist"),
+        "{stderr}"
+    );
 }

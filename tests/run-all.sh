@@ -10,9 +10,9 @@ cd "$(dirname "$0")/.."
 
 # The tests start real clients and tools: every nc variant, socat, busybox, bash's /dev/tcp,
 # systemd-socket-activate, ss, ip (network namespaces: tests/faults_netns.rs), vmstat (0.1.8's CLI
-# tests), python3 with venv (0.1.8 itself); the package checks need rpm, file and man; the
-# end-to-end test debootstrap and nspawn.
-packages=(netcat-openbsd netcat-traditional ncat busybox socat systemd iproute2 procps
+# tests), strace (the token reservation's fsyncs: tests/tokens.rs), python3 with venv (0.1.8
+# itself); the package checks need rpm, file and man; the end-to-end test debootstrap and nspawn.
+packages=(netcat-openbsd netcat-traditional ncat busybox socat systemd iproute2 procps strace
     rpm file man-db debootstrap systemd-container)
 missing=()
 for p in "${packages[@]}"; do

@@ -32,6 +32,12 @@ pub fn target_dir() -> PathBuf {
     )
 }
 
+/// `text` as the results show it: the target dir written `target`, so that the document names
+/// no directory of the machine it was made on (CARGO_TARGET_DIR may put it anywhere).
+pub fn shown(text: &str) -> String {
+    text.replace(&*target_dir().to_string_lossy(), "target")
+}
+
 /// `name` on PATH, or why not, with the apt package that has it.
 pub fn on_path(name: &str, package: &str) -> Result<PathBuf, String> {
     env::var_os("PATH")

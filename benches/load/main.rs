@@ -1,10 +1,11 @@
 //! The benchmark: this server side by side with its peers, in one run, on loopback.
 //!
 //! ```text
-//! CARGO_TARGET_DIR=/work/target-bench cargo bench --bench load
+//! cargo bench --bench load
 //! ```
 //!
-//! (any target dir works; `cargo bench --bench load` alone uses ./target). It starts every
+//! (any target dir works, e.g. `CARGO_TARGET_DIR=../target-bench`; the results write it as
+//! `target`). It starts every
 //! server itself, each on free 127.0.0.1 ports, a fresh process per measurement, with its data
 //! in a fresh temporary directory, and stops it afterwards:
 //!
@@ -536,6 +537,10 @@ fn report(
         loadavg()
     );
     let _ = writeln!(out, "Source: {}.\n", source_version());
+    let _ = writeln!(
+        out,
+        "Paths in the cargo target directory are written `target/…`, wherever it was.\n"
+    );
     let _ = writeln!(out, "Machine:\n");
     for (k, v) in machine_info(load_start) {
         let _ = writeln!(out, "- {k}: {v}");
@@ -572,7 +577,7 @@ fn report(
             let _ = writeln!(out, "- {p}");
         }
     }
-    out
+    common::shown(&out)
 }
 
 fn labelled<'a>(label: &'a str, runs: Option<&'a ServerRuns>) -> impl Iterator<Item = String> + 'a {
@@ -602,8 +607,9 @@ fn source_version() -> String {
 
 fn shown_command() -> String {
     let mut envs = String::new();
+    // Not CARGO_TARGET_DIR: it moves the files, not the numbers, and names a directory of the
+    // machine the run was made on.
     for key in [
-        "CARGO_TARGET_DIR",
         "TCPNETLOCK_BIN",
         "TCPNETLOCK_BENCH_SECS",
         "TCPNETLOCK_BENCH_HOLDERS",

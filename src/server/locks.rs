@@ -20,6 +20,7 @@ use std::time::Instant;
 use log::debug;
 
 use super::link::Link;
+use super::tokens::Tokens;
 use crate::protocol::Reply;
 use crate::table::{self, ConnId, Counters, Decision, Event, LockInfo, State, Table};
 
@@ -27,6 +28,8 @@ pub use crate::table::LockRequest;
 
 pub struct Locks {
     inner: Mutex<Inner>,
+    /// Keeps the stored token reservation above every token that goes out.
+    tokens: Tokens,
     /// Wakes the timer thread; paired with `inner`.
     timer: Condvar,
 }
@@ -53,8 +56,9 @@ pub struct Counts {
 type Events = Vec<Event<Arc<Link>>>;
 
 impl Locks {
-    pub fn new(first_token: u64) -> Locks {
+    pub fn new(first_token: u64, tokens: Tokens) -> Locks {
         Locks {
+            tokens,
             inner: Mutex::new(Inner {
                 table: Table::new(first_token),
                 timer_sleeps_until: None,
@@ -119,18 +123,22 @@ impl Locks {
                     conn,
                     token,
                     handle,
-                } => match handle.write_grant(token) {
-                    Ok(()) if log_grants => {
-                        debug!("lock {}: granted to a waiter (token {token})", handle.name)
+                } => {
+                    // The reservation is stored before the token leaves the server.
+                    self.tokens.cover(token);
+                    match handle.write_grant(token) {
+                        Ok(()) if log_grants => {
+                            debug!("lock {}: granted to a waiter (token {token})", handle.name)
+                        }
+                        Ok(()) => {}
+                        Err(e) => {
+                            debug!("lock {}: grant to a departed client ({e})", handle.name);
+                            let mut inner = self.inner();
+                            let (_, more) = inner.table.leave(&handle.name, conn, Instant::now());
+                            pending.extend(self.settle(inner, more));
+                        }
                     }
-                    Ok(()) => {}
-                    Err(e) => {
-                        debug!("lock {}: grant to a departed client ({e})", handle.name);
-                        let mut inner = self.inner();
-                        let (_, more) = inner.table.leave(&handle.name, conn, Instant::now());
-                        pending.extend(self.settle(inner, more));
-                    }
-                },
+                }
                 Event::Expired { handle, .. } => {
                     debug!("lock {}: lease expired", handle.name);
                     handle.end_with(&Reply::Expired);

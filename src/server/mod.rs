@@ -98,7 +98,6 @@ pub struct Server {
     /// descriptors: otherwise the pending connection stays in the backlog and accept() fails at
     /// once, forever, spinning a core.
     reserve_fd: Mutex<Option<TcpListener>>,
-    tokens: Mutex<tokens::Tokens>,
     /// Open connections per peer address, kept only with `--max-connections-per-peer`.
     per_peer: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -170,7 +169,7 @@ impl Server {
         let (first_token, tokens) = tokens::Tokens::start(config.state_dir.as_deref())?;
         Ok(Arc::new(Server {
             config,
-            locks: Locks::new(first_token),
+            locks: Locks::new(first_token, tokens),
             pool: pool::Pool::new(idle, WORKER_STACK, |a: Acceptor| {
                 a.server.accept_loop(a.listener)
             }),
@@ -179,18 +178,8 @@ impl Server {
             open: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             reserve_fd: Mutex::new(None),
-            tokens: Mutex::new(tokens),
             per_peer: Mutex::new(HashMap::new()),
         }))
-    }
-
-    /// Keeps the stored token reservation ahead of the grants; called by the status loop.
-    pub fn keep_tokens_ahead(&self) {
-        let next = self.locks.counts().next_token;
-        let mut tokens = self.tokens.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Err(e) = tokens.keep_ahead(next) {
-            warn!("cannot store the fencing-token reservation: {e}");
-        }
     }
 
     /// Serves the listeners until the process exits. Returns once the acceptors run. `passed`:

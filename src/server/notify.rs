@@ -126,7 +126,6 @@ pub fn run(server: Arc<Server>) -> ! {
             None => {}
         }
         next = Instant::now() + every;
-        server.keep_tokens_ahead();
         let status = server.status_line();
         if watchdog.is_some() {
             send(&[NotifyState::Status(&status), NotifyState::Watchdog]);

@@ -23,20 +23,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Tokens a run may issue before it must store a new reservation (see [`first_token`]).
-pub const TOKEN_RESERVATION: u64 = 1 << 40;
-
-/// The first fencing token of a run. Tokens must grow across restarts: the run starts past the
-/// wall clock in microseconds and past the reservation an earlier run stored, if the server keeps
-/// one (`--state-dir`). With a stored reservation, a clock stepped back across a restart cannot
-/// make tokens go back; without one, tokens only grow if the clock does not step back and a run
-/// issues fewer tokens than microseconds pass.
-pub fn first_token(wall_clock_us: u64, stored_reservation: Option<u64>) -> u64 {
-    wall_clock_us
-        .max(stored_reservation.unwrap_or(0))
-        .saturating_add(1)
-}
-
 /// Identifies one client connection for the whole of its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub u64);
@@ -209,9 +195,8 @@ pub struct Table<H> {
 }
 
 impl<H: Clone> Table<H> {
-    /// `first_token` is the token of the first grant. The server passes the wall clock in
-    /// microseconds, so tokens keep growing across restarts as long as the clock does not step
-    /// back and fewer than a million grants a second are made on average.
+    /// `first_token` is the token of the first grant; each grant after it gets the next number.
+    /// The server chooses it so that tokens keep growing across restarts (`server::tokens`).
     pub fn new(first_token: u64) -> Table<H> {
         Table {
             names: HashMap::new(),

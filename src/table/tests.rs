@@ -294,35 +294,6 @@ fn tokens_grow_across_names_and_waits() {
 }
 
 #[test]
-fn tokens_grow_across_restarts() {
-    // First run: the clock read 5_000_000 µs at start; it stored a reservation.
-    let first = first_token(5_000_000, None);
-    let mut run1 = Table::<u64>::new(first);
-    let now = t0();
-    let mut last = 0;
-    for c in 0..100 {
-        let name = format!("n{c}");
-        if let Decision::Granted { token } = run1.lock(&name, req(c), now) {
-            last = token;
-        }
-    }
-    let stored = first + TOKEN_RESERVATION;
-    assert!(run1.next_token() <= stored);
-
-    // Restart with the clock stepped back: the reservation keeps tokens growing.
-    let mut run2 = Table::<u64>::new(first_token(4_000_000, Some(stored)));
-    match run2.lock("n0", req(1), now) {
-        Decision::Granted { token } => assert!(token > last, "{token} <= {last}"),
-        d => panic!("{d:?}"),
-    }
-    // Restart with the clock ahead of the reservation: the clock wins.
-    assert_eq!(first_token(stored + 10, Some(stored)), stored + 11);
-    // No stored reservation: only the clock (the documented assumption).
-    assert_eq!(first_token(4_000_000, None), 4_000_001);
-    assert_eq!(first_token(0, Some(u64::MAX)), u64::MAX);
-}
-
-#[test]
 fn a_lease_expires_without_activity_and_is_renewed_by_it() {
     let now = t0();
     let mut t = Table::new(1);

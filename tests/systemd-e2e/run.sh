@@ -8,9 +8,80 @@
 #
 # Needs root. The rootfs is cached in target/e2e-rootfs (about 290 MB, 40 s to make); set
 # E2E_FRESH=1 to rebuild it. The container has only loopback (--private-network).
+#
+# debootstrap fetches from the Debian mirror this machine's apt uses (see debian_mirror), or from
+# E2E_MIRROR if set; there is no built-in fallback, since a mirror chosen here may be unreachable
+# or unwanted where this runs. `run.sh --print-mirror` prints the choice and exits.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
+
+# Every enabled `deb` source of apt's configuration under $1, one "SUITE URI" line per suite and
+# URI: one-line sources.list entries and deb822 *.sources stanzas alike.
+apt_sources() {
+    local files=() f
+    for f in "$1/sources.list" "$1"/sources.list.d/*.list "$1"/sources.list.d/*.sources; do
+        [ -f "$f" ] && files+=("$f")
+    done
+    [ ${#files[@]} -gt 0 ] || return 0
+    awk '
+        function flush(  i, j) {
+            if (isdeb && enabled != "no")
+                for (i = 1; i <= nu; i++) for (j = 1; j <= ns; j++) print suites[j], uris[i]
+            isdeb = 0; enabled = ""; nu = 0; ns = 0; key = ""
+        }
+        function field(k, v,  n, a, i) {
+            n = split(v, a)
+            for (i = 1; i <= n; i++) {
+                if (k == "types" && a[i] == "deb") isdeb = 1
+                else if (k == "uris") uris[++nu] = a[i]
+                else if (k == "suites") suites[++ns] = a[i]
+                else if (k == "enabled") enabled = tolower(a[i])
+            }
+        }
+        FNR == 1 { flush(); deb822 = FILENAME ~ /\.sources$/ }
+        /^[ \t]*#/ { next }
+        deb822 && /^[ \t]*$/ { flush(); next }
+        deb822 && /^[ \t]/ { field(key, $0); next }
+        deb822 && index($0, ":") {
+            key = tolower(substr($0, 1, index($0, ":") - 1))
+            field(key, substr($0, index($0, ":") + 1))
+            next
+        }
+        !deb822 && $1 == "deb" {
+            i = 2
+            if ($i ~ /^\[/) { while (i <= NF && $i !~ /\]$/) i++; i++ }
+            if (i + 1 <= NF) print $(i + 1), $i
+        }
+        END { flush() }
+    ' "${files[@]}"
+}
+
+# The mirror to debootstrap bookworm from: the machine's own source for bookworm, else its
+# first source that is a Debian archive (a URI ending in /debian). Fails, saying where it looked.
+debian_mirror() {
+    if [ -n "${E2E_MIRROR:-}" ]; then
+        echo "$E2E_MIRROR"
+        return
+    fi
+    local etc=${E2E_APT_ETC:-/etc/apt} sources mirror
+    sources=$(apt_sources "$etc")
+    mirror=$(awk '$1 == "bookworm" { print $2; exit }' <<<"$sources")
+    [ -n "$mirror" ] || mirror=$(awk '$2 ~ /\/debian\/?$/ { print $2; exit }' <<<"$sources")
+    if [ -z "$mirror" ]; then
+        echo "e2e: no Debian mirror in this machine's apt configuration: no deb source for" \
+            "bookworm nor one ending in /debian in $etc/sources.list," \
+            "$etc/sources.list.d/*.list or $etc/sources.list.d/*.sources; add one there, or" \
+            "set E2E_MIRROR=URL" >&2
+        return 2
+    fi
+    echo "$mirror"
+}
+
+if [ "${1:-}" = --print-mirror ]; then
+    debian_mirror
+    exit
+fi
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml" | head -n 1)
 deb=$repo/dist/tcpnetlock_${version}-1_amd64.deb
 [ -f "$deb" ] || { echo "e2e: $deb missing: run bash packaging/build first" >&2; exit 2; }
@@ -26,11 +97,12 @@ for tool in debootstrap systemd-nspawn; do
 done
 
 if [ -n "${E2E_FRESH:-}" ] || [ ! -e "$base/.complete" ]; then
+    mirror=$(debian_mirror) || exit 2
     rm -rf "$base"
-    mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
     start=$(date +%s)
+    echo "e2e: debootstrap bookworm from $mirror"
     debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,netcat-openbsd \
-        bookworm "$base" "${mirror:-http://deb.debian.org/debian}" >"$base.log" 2>&1 \
+        bookworm "$base" "$mirror" >"$base.log" 2>&1 \
         || { tail -20 "$base.log"; exit 1; }
     touch "$base/.complete"
     echo "e2e: debootstrap took $(( $(date +%s) - start )) s"
