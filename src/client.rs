@@ -30,7 +30,19 @@
 //! waiting for data is a `poll` outside it. Every socket this module opens has TCP keepalive set
 //! tighter than the server's (see [`DEAD_PEER_BOUND`]) so that a holder cut off from the server
 //! finds out before the server gives its lock to somebody else.
+//!
+//! TCP keepalive cannot see a path that stalls while both ends stay up (a NAT or a tunnel that
+//! stops forwarding but still acknowledges), so a lease also runs on a clock of the client's own
+//! (`LeaseClock`): the lock counts as lost once no renewal has been answered for the ttl less a
+//! margin, counted from when the last answered renewal was *sent*. The server renews a lease when
+//! it reads a request, never earlier than we sent it, so the client's deadline always falls
+//! before the server's (docs/PROTOCOL.md, "The client's lease clock").
+//!
+//! Replies are read with a cap on their length and a deadline checked on every read, and each
+//! byte is searched for the line end once: a server that streams bytes without a newline costs
+//! the client at most the cap in memory and the reply timeout in time.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
@@ -53,6 +65,16 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 const KEEPALIVE_PROBES: u32 = 2;
 /// How long after the server goes silent the client declares the lock lost, at most.
 pub const DEAD_PEER_BOUND: Duration = Duration::from_secs(20);
+
+/// The longest `.locks` reply line accepted. A server at its default 10,000 connections, every
+/// one a holder with a long name and client id, writes about 4 MB; 64 MiB leaves room for far
+/// bigger servers and still bounds what a broken one can make the client allocate.
+const LOCKS_LINE_MAX: usize = 64 << 20;
+/// The longest of every other reply line: grants, `err,` lines, `pong`, `.stats`, the replies to
+/// a holder. The longest a tcpnetlock server writes is `.stats`, under 1 KB.
+const LINE_MAX: usize = 64 << 10;
+/// The smallest lease margin (see [`lease_margin`]).
+const MIN_LEASE_MARGIN: Duration = Duration::from_millis(50);
 
 /// Where to find the server and how to ask for locks. Cheap to clone; every request opens its
 /// own connection.
@@ -113,7 +135,9 @@ impl Client {
     }
 
     /// Hold locks as leases: the server revokes one after `ttl` without hearing from its
-    /// holder. The `Lock` sends a keepalive every third of `ttl` from a background thread.
+    /// holder. The `Lock` sends a keepalive every quarter of `ttl` from a background thread, and
+    /// counts the lock as lost ([`Lost::LeaseUnconfirmed`]) once the server has answered none
+    /// for `ttl` less a margin ([`lease_margin`]): before the server can give it to anyone else.
     #[must_use]
     pub fn ttl(mut self, ttl: Duration) -> Client {
         self.ttl = Some(ttl);
@@ -129,7 +153,7 @@ impl Client {
     }
 
     /// Send `.keepalive` every `every` while a lock is held (0.1.8's `--keep-alive`). With a
-    /// [`ttl`](Client::ttl), the shorter of this and a third of the ttl is used.
+    /// [`ttl`](Client::ttl), the shorter of this and a quarter of the ttl is used.
     #[must_use]
     pub fn keepalive(mut self, every: Duration) -> Client {
         self.keepalive = Some(every);
@@ -171,7 +195,9 @@ impl Client {
             return Err(Error::InvalidClientId(id.clone()));
         }
         let stream = self.connect()?;
-        let mut reader = LineReader::default();
+        let mut reader = LineReader::new(LINE_MAX);
+        // The server's lease starts once it has read the request: not before this.
+        let sent = LeaseClock::now();
         send(&stream, &self.lock_line(name))?;
         let patience = self.wait.unwrap_or(Duration::ZERO) + self.reply_timeout;
         let token = match reader.line(&stream, Instant::now() + patience)? {
@@ -182,31 +208,67 @@ impl Client {
                 ));
             }
         };
-        Lock::start(self, name, token, stream, reader)
+        let mut lease = self.ttl.map(|ttl| LeaseClock::new(ttl, sent));
+        if let Some(lease) = &mut lease
+            && self.wait.is_some_and(|w| !w.is_zero())
+        {
+            self.confirm_lease(&stream, &mut reader, lease)?;
+        }
+        Lock::start(self, name, token, stream, reader, lease)
+    }
+
+    /// After a grant that may have followed a wait: the server's lease started at the grant, at
+    /// some moment between our request and its `ok`, and a delayed `ok` could even arrive after
+    /// it ended. A renewal sent now and answered says for certain how long it lasts.
+    fn confirm_lease(
+        &self,
+        stream: &TcpStream,
+        reader: &mut LineReader,
+        lease: &mut LeaseClock,
+    ) -> Result<(), Error> {
+        let sent = LeaseClock::now();
+        send(stream, ".keepalive")?;
+        let window = lease.window();
+        match reader.line(stream, Instant::now() + window.min(self.reply_timeout)) {
+            Ok(Some(line)) if line == "alive" => {
+                lease.confirmed = sent;
+                Ok(())
+            }
+            Ok(Some(line)) if line == "expired" => Err(Error::Lost(Lost::Expired)),
+            Ok(Some(line)) => Err(unexpected(&line)),
+            Ok(None) => Err(Error::Lost(Lost::Closed)),
+            Err(Error::Io(e))
+                if e.kind() == io::ErrorKind::TimedOut && window <= self.reply_timeout =>
+            {
+                Err(Error::Lost(Lost::LeaseUnconfirmed))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Asks the server for `.ping`; returns the time from request to `pong`.
     pub fn ping(&self) -> Result<Duration, Error> {
         let start = Instant::now();
-        self.ask(".ping", "pong")?;
+        self.ask(".ping", "pong", LINE_MAX)?;
         Ok(start.elapsed())
     }
 
     /// The server's `.stats` JSON object, as sent.
     pub fn stats_json(&self) -> Result<String, Error> {
-        self.ask(".stats", "stats,")
+        self.ask(".stats", "stats,", LINE_MAX)
     }
 
     /// The server's `.locks` JSON object (held names, holders, queue lengths), as sent.
     pub fn locks_json(&self) -> Result<String, Error> {
-        self.ask(".locks", "locks,")
+        self.ask(".locks", "locks,", LOCKS_LINE_MAX)
     }
 
-    /// One request on a fresh connection; the reply must start with `expect`, which is cut off.
-    fn ask(&self, request: &str, expect: &str) -> Result<String, Error> {
+    /// One request on a fresh connection; the reply, at most `max` bytes, must start with
+    /// `expect`, which is cut off.
+    fn ask(&self, request: &str, expect: &str, max: usize) -> Result<String, Error> {
         let stream = self.connect()?;
         send(&stream, request)?;
-        let mut reader = LineReader::default();
+        let mut reader = LineReader::new(max);
         match reader.line(&stream, Instant::now() + self.reply_timeout)? {
             Some(line) => match line.strip_prefix(expect) {
                 Some(rest) => Ok(rest.to_owned()),
@@ -276,7 +338,9 @@ impl Client {
 
     /// How often the held lock's connection should carry a `.keepalive`, if at all.
     fn keepalive_every(&self) -> Option<Duration> {
-        let for_ttl = self.ttl.map(|t| t / 3);
+        // Three renewals fit in the lease clock's window (ttl less at most a fifth): one
+        // answered late or lost does not lose the lock.
+        let for_ttl = self.ttl.map(|t| t / 4);
         match (self.keepalive, for_ttl) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -350,6 +414,11 @@ pub enum Lost {
     Closed,
     /// The connection failed: reset, or the server stopped answering (host or network gone).
     Broken(String),
+    /// A lease ([`Client::ttl`]) whose renewals the server has not answered for the ttl less
+    /// the [`lease_margin`]: the network or the server stalled, and the server may revoke the
+    /// lease at any moment now. Counted on the client's own clock, so it is known even when no
+    /// byte arrives at all.
+    LeaseUnconfirmed,
 }
 
 impl fmt::Display for Lost {
@@ -358,7 +427,87 @@ impl fmt::Display for Lost {
             Lost::Expired => f.write_str("the lease expired"),
             Lost::Closed => f.write_str("the server closed the connection (restarted or stopped?)"),
             Lost::Broken(e) => write!(f, "the connection to the server failed: {e}"),
+            Lost::LeaseUnconfirmed => f.write_str(
+                "the server answered no lease renewal within the ttl (network or server stalled?)",
+            ),
         }
+    }
+}
+
+/// How much earlier than the server a client counts a lease of `ttl` as gone: a tenth of the
+/// ttl, at least 50 ms and at most a fifth of the ttl (three renewals, a quarter of the ttl
+/// apart, always fit before the client's deadline). It is the time the holder has to act
+/// (wake up on a busy machine, signal its command) between giving the lock up and the earliest
+/// moment the server can grant it elsewhere.
+pub fn lease_margin(ttl: Duration) -> Duration {
+    (ttl / 10).max(MIN_LEASE_MARGIN).min(ttl / 5)
+}
+
+/// The client's side of a lease: until when the server is certain to keep it.
+///
+/// The server renews a lease when it reads a request from the holder, which it cannot do before
+/// we send it; so when a renewal is answered with `alive`, the lease lasts at least the ttl from
+/// the renewal's send time. Answers come in the order of the requests, so the send times wait in
+/// a queue and each `alive` takes the oldest.
+///
+/// Times are since boot (`CLOCK_BOOTTIME`): monotonic like `Instant`, but counting time the
+/// machine spent suspended, as the server's clock does.
+#[derive(Debug)]
+struct LeaseClock {
+    ttl: Duration,
+    /// Send times of renewals not answered yet, oldest first.
+    unanswered: VecDeque<Duration>,
+    /// Send time of the newest answered renewal; at first, of the `lock` request.
+    confirmed: Duration,
+}
+
+impl LeaseClock {
+    fn new(ttl: Duration, request_sent: Duration) -> LeaseClock {
+        LeaseClock {
+            ttl,
+            unanswered: VecDeque::new(),
+            confirmed: request_sent,
+        }
+    }
+
+    fn now() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec we own. CLOCK_BOOTTIME exists since Linux
+        // 2.6.39 and cannot fail with a valid pointer.
+        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    /// How long after an answered renewal the client still counts the lease as its own.
+    fn window(&self) -> Duration {
+        self.ttl - lease_margin(self.ttl)
+    }
+
+    fn deadline(&self) -> Duration {
+        self.confirmed + self.window()
+    }
+
+    /// The deadline on the `Instant` clock, for `poll` and condition-variable timeouts.
+    fn deadline_instant(&self) -> Instant {
+        Instant::now() + self.deadline().saturating_sub(LeaseClock::now())
+    }
+
+    fn sent(&mut self, at: Duration) {
+        self.unanswered.push_back(at);
+    }
+
+    /// An `alive` came. One the client did not ask for (a broken server) proves nothing.
+    fn answered(&mut self) {
+        if let Some(sent) = self.unanswered.pop_front() {
+            self.confirmed = self.confirmed.max(sent);
+        }
+    }
+
+    fn expired(&self) -> bool {
+        LeaseClock::now() >= self.deadline()
     }
 }
 
@@ -492,6 +641,7 @@ struct State {
     reader: LineReader,
     lost: Option<Lost>,
     stopping: bool,
+    lease: Option<LeaseClock>,
 }
 
 impl Shared {
@@ -500,18 +650,37 @@ impl Shared {
     }
 }
 
+/// Lines taken in by one [`State::pump`], at most: a server flooding a holder with lines must
+/// not keep the caller in there (under the mutex) for ever. Far more than a holder is ever sent.
+const PUMP_LINES: usize = 1024;
+
 impl State {
-    /// Reads whatever the server sent, without blocking, and notes a loss.
+    /// Reads whatever the server sent, without blocking, notes a loss, and looks at the lease
+    /// clock.
     fn pump(&mut self, stream: &TcpStream) {
-        while self.lost.is_none() {
+        for _ in 0..PUMP_LINES {
+            if self.lost.is_some() {
+                break;
+            }
             match self.reader.line_now(stream) {
                 Ok(Read::Line(line)) if line == "expired" => self.lost = Some(Lost::Expired),
-                // `alive` answers a keepalive; nothing else is sent to a holder.
+                Ok(Read::Line(line)) if line == "alive" => {
+                    if let Some(lease) = &mut self.lease {
+                        lease.answered();
+                    }
+                }
+                // Nothing else is sent to a holder.
                 Ok(Read::Line(_)) => {}
                 Ok(Read::Eof) => self.lost = Some(Lost::Closed),
-                Ok(Read::Pending) => return,
+                Ok(Read::Pending) => break,
                 Err(e) => self.lost = Some(Lost::Broken(e.to_string())),
             }
+        }
+        if self.lost.is_none() && self.lease.as_ref().is_some_and(LeaseClock::expired) {
+            self.lost = Some(Lost::LeaseUnconfirmed);
+            // No byte will come to say so: make the socket readable (end of file) for whoever
+            // polls it.
+            let _ = stream.shutdown(Shutdown::Read);
         }
     }
 }
@@ -523,6 +692,7 @@ impl Lock {
         token: Option<u64>,
         stream: TcpStream,
         reader: LineReader,
+        lease: Option<LeaseClock>,
     ) -> Result<Lock, Error> {
         let shared = Arc::new(Shared {
             stream,
@@ -530,6 +700,7 @@ impl Lock {
                 reader,
                 lost: None,
                 stopping: false,
+                lease,
             }),
             wake: Condvar::new(),
         });
@@ -559,12 +730,23 @@ impl Lock {
         self.token
     }
 
-    /// Why the lock is no longer held, or `None` while it is. Never blocks (beyond a keepalive
-    /// being sent at that moment).
+    /// Why the lock is no longer held, or `None` while it is. Never blocks.
     pub fn lost(&self) -> Option<Lost> {
         let mut state = self.shared.state();
         state.pump(&self.shared.stream);
         state.lost.clone()
+    }
+
+    /// When a lease ([`Client::ttl`]) counts as lost unless the server answers a renewal before:
+    /// a program that polls the lock's descriptor should wake up by then and ask [`Lock::lost`]
+    /// (the renewals are answered in the background; the descriptor also turns readable soon
+    /// after, but only if the keepalive thread gets to run). `None` without a ttl, or once lost.
+    pub fn lease_deadline(&self) -> Option<Instant> {
+        let state = self.shared.state();
+        match (&state.lost, &state.lease) {
+            (None, Some(lease)) => Some(lease.deadline_instant()),
+            _ => None,
+        }
     }
 
     /// Blocks until the lock is lost (and says why) or `timeout` passes (`None`); no timeout
@@ -575,18 +757,22 @@ impl Lock {
             if let Some(lost) = self.lost() {
                 return Some(lost);
             }
-            let left = match deadline {
-                Some(d) if Instant::now() >= d => return None,
-                Some(d) => Some(d - Instant::now()),
-                None => None,
+            let wake = match (deadline, self.lease_deadline()) {
+                (Some(d), _) if Instant::now() >= d => return None,
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
             };
             // Another thread may read what woke us; `lost` then finds nothing and we wait again.
-            let _ = wait_readable(&self.shared.stream, left);
+            let _ = wait_readable(
+                &self.shared.stream,
+                wake.map(|w| w.saturating_duration_since(Instant::now())),
+            );
         }
     }
 
     /// Releases the lock and waits for the server to confirm, so that when this returns the next
-    /// client can have it. Fails with [`Error::Lost`] if it had already been lost.
+    /// client can have it. Fails with [`Error::Lost`] if it had already been lost, or if the
+    /// connection fails on the way (the server then freed it at some moment we cannot know).
     pub fn release(mut self) -> Result<(), Error> {
         self.finish()
     }
@@ -602,14 +788,21 @@ impl Lock {
         if let Some(lost) = state.lost.clone() {
             return Err(Error::Lost(lost));
         }
-        send(stream, "release")?;
+        let broken = |e: io::Error| Error::Lost(Lost::Broken(e.to_string()));
+        send(stream, "release").map_err(|e| match e {
+            Error::Io(e) => broken(e),
+            e => e,
+        })?;
         let deadline = Instant::now() + self.reply_timeout;
         loop {
-            match state.reader.line(stream, deadline)?.as_deref() {
-                Some("released") => return Ok(()),
-                Some("expired") => return Err(Error::Lost(Lost::Expired)),
-                Some(_) => continue, // a late `alive`
-                None => return Err(Error::Lost(Lost::Closed)),
+            match state.reader.line(stream, deadline) {
+                Ok(Some(line)) if line == "released" => return Ok(()),
+                Ok(Some(line)) if line == "expired" => return Err(Error::Lost(Lost::Expired)),
+                Ok(Some(_)) => continue, // a late `alive`
+                Ok(None) => return Err(Error::Lost(Lost::Closed)),
+                // No answer in time says nothing about the lock; a reset does.
+                Err(Error::Io(e)) if e.kind() != io::ErrorKind::TimedOut => return Err(broken(e)),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -629,7 +822,8 @@ impl Drop for Lock {
     }
 }
 
-/// Readable means something happened on the connection: call [`Lock::lost`].
+/// Readable means something happened on the connection: call [`Lock::lost`]. With a lease, also
+/// wake up by [`Lock::lease_deadline`].
 impl AsFd for Lock {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.shared.stream.as_fd()
@@ -637,22 +831,44 @@ impl AsFd for Lock {
 }
 
 /// The keepalive thread: a `.keepalive` every `every`, the replies drained so they never pile
-/// up, until the lock is released or lost.
+/// up, the lease clock watched, until the lock is released or lost.
 fn keep_alive(shared: &Shared, every: Duration) {
+    let mut next = Instant::now() + every;
     let mut state = shared.state();
     loop {
+        let wake = match state.lease.as_ref() {
+            Some(lease) => next.min(lease.deadline_instant()),
+            None => next,
+        };
         state = shared
             .wake
-            .wait_timeout_while(state, every, |s| !s.stopping)
+            .wait_timeout_while(state, wake.saturating_duration_since(Instant::now()), |s| {
+                !s.stopping
+            })
             .unwrap_or_else(PoisonError::into_inner)
             .0;
         if state.stopping || state.lost.is_some() {
             return;
         }
-        if let Err(e) = (&shared.stream).write_all(b".keepalive\n") {
-            state.lost = Some(Lost::Broken(e.to_string()));
-        } else {
-            state.pump(&shared.stream);
+        state.pump(&shared.stream);
+        if state.lost.is_none() && Instant::now() >= next {
+            // Noted before it is written: the server cannot read it earlier.
+            let sent = LeaseClock::now();
+            if let Some(lease) = &mut state.lease {
+                lease.sent(sent);
+            }
+            // Written outside the lock, so that a write held up by a full send buffer cannot
+            // keep the owner from seeing the lease run out. Nobody else writes while the
+            // keepalive thread runs: `release` stops it first.
+            drop(state);
+            let written = (&shared.stream).write_all(b".keepalive\n");
+            state = shared.state();
+            if let Err(e) = written
+                && state.lost.is_none()
+            {
+                state.lost = Some(Lost::Broken(e.to_string()));
+            }
+            next = Instant::now() + every;
         }
         if state.lost.is_some() {
             // Make the socket readable (end of file) for an owner that polls it.
@@ -690,55 +906,97 @@ enum Read {
     Pending,
 }
 
+/// Bytes asked of the kernel per read: a `.locks` reply of several MB comes in a few hundred
+/// reads, not thousands.
+const READ_CHUNK: usize = 64 << 10;
+
 /// Splits the connection into lines. Reads never block: they follow a `poll`, or are attempts.
-#[derive(Debug, Default)]
+/// Each attempt is at most one read, so that the callers' deadlines are checked between reads
+/// even while a server keeps sending.
+#[derive(Debug)]
 struct LineReader {
     buf: Vec<u8>,
+    /// How much of `buf` is known to hold no line end: every byte is searched once, not once
+    /// per read.
+    scanned: usize,
+    /// The longest line accepted, line end not counted.
+    max: usize,
 }
 
 impl LineReader {
+    fn new(max: usize) -> LineReader {
+        LineReader {
+            buf: Vec::new(),
+            scanned: 0,
+            max,
+        }
+    }
+
     /// The next line by `deadline`; `None` at end of file.
     fn line(&mut self, stream: &TcpStream, deadline: Instant) -> Result<Option<String>, Error> {
         loop {
-            match self.line_now(stream).map_err(Error::Io)? {
+            let read = self.line_now(stream).map_err(|e| match e.kind() {
+                io::ErrorKind::InvalidData => Error::Protocol(e.to_string()),
+                _ => Error::Io(e),
+            })?;
+            match read {
                 Read::Line(line) => return Ok(Some(line)),
                 Read::Eof => return Ok(None),
                 Read::Pending => {}
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || !wait_readable(stream, Some(left)).map_err(Error::Io)? {
-                return Err(Error::Io(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no reply from the server in time",
-                )));
+                return Err(self.timed_out());
             }
+        }
+    }
+
+    fn timed_out(&self) -> Error {
+        if self.buf.is_empty() {
+            Error::Io(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no reply from the server in time",
+            ))
+        } else {
+            Error::Protocol(format!(
+                "the server's reply did not end in time ({} bytes without a line end; is it a \
+                 tcpnetlock server?)",
+                self.buf.len()
+            ))
         }
     }
 
     /// A buffered line, or what one non-blocking read brings.
     fn line_now(&mut self, stream: &TcpStream) -> io::Result<Read> {
+        if let Some(line) = self.buffered_line() {
+            return Ok(Read::Line(line));
+        }
+        self.check_length()?;
+        // Never more than the longest line and its line end (`\r\n`) could still need.
+        let want = READ_CHUNK.min(self.max + 2 - self.buf.len());
         loop {
-            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
-                let mut line: Vec<u8> = self.buf.drain(..=i).collect();
-                line.pop();
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                return Ok(Read::Line(String::from_utf8_lossy(&line).into_owned()));
-            }
-            let mut chunk = [0u8; 4096];
-            // SAFETY: recv writes at most chunk.len() bytes into the buffer we own.
+            self.buf.reserve(want);
+            // SAFETY: recv writes at most `want` bytes, within the spare capacity just
+            // reserved; set_len below counts only the bytes it reported written.
             let n = unsafe {
                 libc::recv(
                     stream.as_raw_fd(),
-                    chunk.as_mut_ptr().cast(),
-                    chunk.len(),
+                    self.buf.spare_capacity_mut().as_mut_ptr().cast(),
+                    want,
                     libc::MSG_DONTWAIT,
                 )
             };
             match n {
                 0 => return Ok(Read::Eof),
-                n if n > 0 => self.buf.extend_from_slice(&chunk[..n as usize]),
+                n if n > 0 => {
+                    // SAFETY: the first n bytes of the spare capacity were just written.
+                    unsafe { self.buf.set_len(self.buf.len() + n as usize) };
+                    if let Some(line) = self.buffered_line() {
+                        return Ok(Read::Line(line));
+                    }
+                    self.check_length()?;
+                    return Ok(Read::Pending);
+                }
                 _ => {
                     let e = io::Error::last_os_error();
                     match e.kind() {
@@ -750,6 +1008,35 @@ impl LineReader {
             }
         }
     }
+
+    /// Buffered bytes without a line end must still fit a line (its end may be `\r\n`).
+    fn check_length(&self) -> io::Result<()> {
+        if self.buf.len() <= self.max + 1 {
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the server sent over {} bytes without a line end (is it a tcpnetlock server?)",
+                self.max
+            ),
+        ))
+    }
+
+    /// The first complete line in the buffer, searching only bytes not searched before.
+    fn buffered_line(&mut self) -> Option<String> {
+        let Some(at) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') else {
+            self.scanned = self.buf.len();
+            return None;
+        };
+        let mut line: Vec<u8> = self.buf.drain(..=self.scanned + at).collect();
+        self.scanned = 0;
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        Some(String::from_utf8_lossy(&line).into_owned())
+    }
 }
 
 /// Waits until the socket has something to read (data, end of file or an error); false on
@@ -760,7 +1047,10 @@ fn wait_readable(stream: &TcpStream, timeout: Option<Duration>) -> io::Result<bo
         events: libc::POLLIN,
         revents: 0,
     };
-    let ms = timeout.map_or(-1, |t| t.as_millis().clamp(1, i32::MAX as u128) as i32);
+    // Rounded up: a deadline 0.4 ms away must not become a busy loop of 0 ms polls.
+    let ms = timeout.map_or(-1, |t| {
+        t.as_micros().div_ceil(1000).clamp(1, i32::MAX as u128) as i32
+    });
     loop {
         // SAFETY: one pollfd owned by this frame.
         let n = unsafe { libc::poll(&mut pfd, 1, ms) };
@@ -822,11 +1112,124 @@ mod tests {
         let c = Client::new("h", 1);
         assert_eq!(c.keepalive_every(), None);
         let ttl = c.clone().ttl(Duration::from_secs(30));
-        assert_eq!(ttl.keepalive_every(), Some(Duration::from_secs(10)));
+        assert_eq!(ttl.keepalive_every(), Some(Duration::from_millis(7500)));
         let both = ttl.keepalive(Duration::from_secs(15));
-        assert_eq!(both.keepalive_every(), Some(Duration::from_secs(10)));
+        assert_eq!(both.keepalive_every(), Some(Duration::from_millis(7500)));
         let ka = c.keepalive(Duration::from_secs(15));
         assert_eq!(ka.keepalive_every(), Some(Duration::from_secs(15)));
+    }
+
+    #[test]
+    fn lease_margins() {
+        let ms = Duration::from_millis;
+        assert_eq!(lease_margin(Duration::from_secs(2)), ms(200));
+        assert_eq!(
+            lease_margin(Duration::from_secs(60)),
+            Duration::from_secs(6)
+        );
+        // At least 50 ms, at most a fifth.
+        assert_eq!(lease_margin(ms(300)), ms(50));
+        assert_eq!(lease_margin(ms(100)), ms(20));
+        // Three renewals fit the window, whatever the ttl.
+        for ttl in [ms(1), ms(100), ms(300), ms(2000), Duration::from_secs(600)] {
+            let every = Client::new("h", 1).ttl(ttl).keepalive_every().unwrap();
+            let window = ttl - lease_margin(ttl);
+            assert!(ttl < ms(40) || every * 3 < window, "{ttl:?}");
+        }
+    }
+
+    #[test]
+    fn the_lease_counts_from_the_send_time_of_the_last_answered_renewal() {
+        let s = Duration::from_secs;
+        let mut lease = LeaseClock::new(s(10), s(100));
+        assert_eq!(lease.deadline(), s(109));
+        lease.sent(s(102));
+        lease.sent(s(105));
+        lease.answered();
+        assert_eq!(lease.deadline(), s(111));
+        lease.answered();
+        assert_eq!(lease.deadline(), s(114));
+        // An answer nobody asked for proves nothing.
+        lease.answered();
+        assert_eq!(lease.deadline(), s(114));
+    }
+
+    /// A loopback connection: the server's end and a reader on the client's end.
+    fn pair(max: usize) -> (TcpStream, TcpStream, LineReader) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let server = listener.accept().unwrap().0;
+        (server, client, LineReader::new(max))
+    }
+
+    #[test]
+    fn lines_split_across_reads_and_crlf() {
+        let (mut server, client, mut reader) = pair(16);
+        let soon = || Instant::now() + Duration::from_secs(5);
+        server.write_all(b"al").unwrap();
+        assert!(matches!(reader.line_now(&client), Ok(Read::Pending)));
+        server
+            .write_all(
+                b"ive
+expired
+rel",
+            )
+            .unwrap();
+        assert_eq!(reader.line(&client, soon()).unwrap().unwrap(), "alive");
+        assert_eq!(reader.line(&client, soon()).unwrap().unwrap(), "expired");
+        server
+            .write_all(
+                b"eased
+",
+            )
+            .unwrap();
+        assert_eq!(reader.line(&client, soon()).unwrap().unwrap(), "released");
+        drop(server);
+        assert_eq!(reader.line(&client, soon()).unwrap(), None);
+    }
+
+    #[test]
+    fn a_line_over_the_cap_is_a_protocol_error() {
+        let (mut server, client, mut reader) = pair(16);
+        // 16 bytes and a line end fit; 18 bytes without one do not.
+        server
+            .write_all(
+                b"0123456789abcdef
+",
+            )
+            .unwrap();
+        let soon = Instant::now() + Duration::from_secs(5);
+        assert_eq!(reader.line(&client, soon).unwrap().unwrap().len(), 16);
+        server.write_all(&[b'x'; 18]).unwrap();
+        match reader.line(&client, soon) {
+            Err(Error::Protocol(m)) => assert!(m.contains("over 16 bytes without a line end")),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            reader.buf.len() <= 18,
+            "read past the cap: {}",
+            reader.buf.len()
+        );
+    }
+
+    #[test]
+    fn the_deadline_holds_while_bytes_keep_coming() {
+        let (mut server, client, mut reader) = pair(1 << 20);
+        let feeder = thread::spawn(move || {
+            while server.write_all(b"x").is_ok() {
+                thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let start = Instant::now();
+        let r = reader.line(&client, start + Duration::from_millis(200));
+        let took = start.elapsed();
+        assert!(
+            matches!(&r, Err(Error::Protocol(m)) if m.contains("did not end in time")),
+            "{r:?}"
+        );
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        drop(client);
+        feeder.join().unwrap();
     }
 
     #[test]

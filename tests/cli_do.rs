@@ -574,6 +574,51 @@ fn lost_lock_with_on_lost_ignore_warns_and_lets_the_command_finish() {
 }
 
 #[test]
+fn a_loss_found_on_release_is_122_not_the_command_s_status() {
+    for (policy, expected) in [("terminate", 122), ("ignore", 3)] {
+        let s = Server::start(&[]);
+        let dir = TempDir::new("do-lost-at-release");
+        let go = dir.path.join("go");
+        let (mut running, _) = start_marked(
+            &s,
+            &dir,
+            &["--on-lost", policy, "--lock-name", "late"],
+            &format!(
+                "while [ ! -e {} ]; do sleep 0.02; done; exit 3",
+                go.display()
+            ),
+        );
+        let do_pid = running.pid();
+        let guardian = guardian_of(do_pid);
+        let _cleanup = KillGroup(guardian);
+        // `do` is stopped while the lock goes and the command ends: when it runs again, both
+        // are there to see at once, and the command's end is looked at first.
+        signal(do_pid, libc::SIGSTOP);
+        assert!(wait_until(LIMIT, || common::proc_stat(do_pid).unwrap().1 == 'T').is_some());
+        drop(s);
+        std::fs::write(&go, "").unwrap();
+        let ended = wait_until(LIMIT, || {
+            common::proc_stat(guardian).is_none_or(|(_, state, _, _)| state == 'Z')
+        });
+        assert!(ended.is_some(), "the command did not end");
+        signal(do_pid, libc::SIGCONT);
+        let (code, _, err) = running.finish(LIMIT);
+        assert_eq!(code, expected, "--on-lost {policy}: {err}");
+        if policy == "terminate" {
+            assert!(
+                err.contains(
+                    "lock late lost: the server closed the connection (restarted or stopped?); \
+                     found on releasing it after the command ended (status 3)"
+                ),
+                "{err}"
+            );
+        } else {
+            assert!(err.contains("warning: lock late: lock lost"), "{err}");
+        }
+    }
+}
+
+#[test]
 fn a_lease_is_renewed_while_the_command_runs() {
     let s = Server::start(&[]);
     let start = Instant::now();

@@ -130,10 +130,13 @@ fn a_lost_lock_shows_with_keepalives_running_too() {
         .unwrap();
     assert_eq!(lock.wait_lost(Some(Duration::from_millis(200))), None);
     drop(s);
-    assert_eq!(
-        lock.wait_lost(Some(Duration::from_secs(5))),
-        Some(Lost::Closed)
-    );
+    // A server killed with a keepalive not yet read resets the connection instead of closing
+    // it (seen 2 times in 30 runs): both are a loss, and the reader must not swallow either.
+    match lock.wait_lost(Some(Duration::from_secs(5))) {
+        Some(Lost::Closed) => {}
+        Some(Lost::Broken(e)) => assert!(e.contains("Connection reset by peer"), "{e}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

@@ -18,7 +18,7 @@
 
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 
@@ -28,7 +28,7 @@ use crate::client::{self, Lock, Lost};
 
 const EXIT_CODES: &str = "\
 Exit status: 0 after releasing (stdin ended, or SIGTERM/SIGINT/SIGHUP); 122 if the lock was \
-lost while held; 123 if it was not granted; 125 if the server cannot be reached; 2 for bad \
+lost while held (with --ttl: also when the server answers no renewal in time); 123 if it was not granted; 125 if the server cannot be reached; 2 for bad \
 options.";
 
 #[derive(Debug, Args)]
@@ -57,7 +57,8 @@ pub struct LockArgs {
     #[arg(long)]
     fencing: bool,
 
-    /// Hold the lock as a lease of SECONDS, renewed in the background while this runs.
+    /// Hold the lock as a lease of SECONDS, renewed in the background while this runs; lost
+    /// (122) once the server has answered no renewal for SECONDS less a margin.
     #[arg(long, value_name = "SECONDS", value_parser = parse_protocol_secs)]
     ttl: Option<Duration>,
 }
@@ -136,13 +137,17 @@ pub(super) fn hold(lock: &Lock, signals: &SignalFd, stdin: Option<BorrowedFd<'_>
             signals::pollfd(Some(lock.as_fd())),
             signals::pollfd(stdin),
         ];
-        if let Err(e) = signals::poll(&mut fds, None) {
+        // A stalled connection brings no byte: the lease clock must wake us.
+        let lease = lock.lease_deadline();
+        let timeout = lease.map(|at| at.saturating_duration_since(Instant::now()));
+        if let Err(e) = signals::poll(&mut fds, timeout) {
             return End::Lost(Lost::Broken(format!("poll: {e}")));
         }
         if signals.next().is_some() {
             return End::Release;
         }
-        if fds[1].revents != 0
+        let lease_due = lease.is_some_and(|at| Instant::now() >= at);
+        if (fds[1].revents != 0 || lease_due)
             && let Some(why) = lock.lost()
         {
             return End::Lost(why);

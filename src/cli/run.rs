@@ -30,7 +30,8 @@ const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, 
 
 const EXIT_CODES: &str = "\
 Exit status: the command's own; 128+N if it was killed by signal N; 122 if the lock was lost \
-and the command terminated (--on-lost terminate); 123 if the lock was not granted (or the value \
+and the command terminated, or the loss was found on releasing after the command ended \
+(--on-lost terminate); 123 if the lock was not granted (or the value \
 of --conflict-exit-code); 124 if the command could not be started; 125 if the server cannot be \
 reached; 127 if the command was not found; 2 for bad options.
 
@@ -79,7 +80,8 @@ pub struct RunArgs {
     fencing: bool,
 
     /// Hold the lock as a lease of SECONDS, renewed in the background; the server revokes it if
-    /// `do` stops renewing it (a hung host, a frozen VM).
+    /// `do` stops renewing it (a hung host, a frozen VM), and `do` counts it lost once the
+    /// server has answered no renewal for SECONDS less a margin (a stalled network).
     #[arg(long, value_name = "SECONDS", value_parser = parse_protocol_secs)]
     ttl: Option<Duration>,
 
@@ -231,12 +233,9 @@ pub fn run(args: RunArgs) -> Result<u8, Fail> {
         .map_err(|e| Fail::new(EXIT_CANNOT_RUN, &format!("waiting for the command: {e}")))?;
     match outcome {
         Outcome::Terminated => Err(Fail::silent(EXIT_LOST)),
-        Outcome::Exited { code, lost } => {
-            if !lost {
-                release(lock, &name, args.verbose());
-            }
-            Ok(code)
-        }
+        // --on-lost ignore, and the loss was reported when it came.
+        Outcome::Exited { code, lost: true } => Ok(code),
+        Outcome::Exited { code, lost: false } => release(lock, &name, &args, code),
     }
 }
 
@@ -343,19 +342,24 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// Sleeps until a signal, news on the lock's connection (true), or the SIGKILL deadline.
+    /// Sleeps until a signal, news on the lock's connection or the end of the lease by the
+    /// client's clock (true: look at the lock), or the SIGKILL deadline. A stalled connection
+    /// brings no byte at all, so the lease clock has to wake us itself.
     fn wait(&self, signals: &SignalFd) -> std::io::Result<bool> {
         let lock_fd = (!self.lost).then(|| self.lock.as_fd());
+        let lease = lock_fd.and_then(|_| self.lock.lease_deadline());
         let mut fds = [
             signals::pollfd(Some(signals.as_fd())),
             signals::pollfd(lock_fd),
             signals::pollfd(self.group.stops_fd()),
         ];
-        let timeout = self
-            .kill_at
+        let timeout = [self.kill_at, lease]
+            .into_iter()
+            .flatten()
+            .min()
             .map(|at| at.saturating_duration_since(Instant::now()));
         signals::poll(&mut fds, timeout)?;
-        Ok(fds[1].revents != 0)
+        Ok(fds[1].revents != 0 || lease.is_some_and(|at| Instant::now() >= at))
     }
 
     /// SIGCHLD only says "look"; the others are for the command.
@@ -421,15 +425,31 @@ impl Run<'_> {
     }
 }
 
-fn release(lock: Lock, name: &str, verbose: bool) {
+/// Releases the lock once the command has ended by itself; returns `do`'s status.
+fn release(lock: Lock, name: &str, args: &RunArgs, code: u8) -> Result<u8, Fail> {
     match lock.release() {
-        Ok(()) if verbose => err_line(&format!("tcpnetlock: lock {name} released")),
-        Ok(()) => {}
-        // The command has finished; all that is left to say is that the lock did not last.
-        Err(e) => err_line(&format!(
-            "tcpnetlock: warning: lock {name}: {}",
-            printable(&e.to_string())
+        Ok(()) => {
+            if args.verbose() {
+                err_line(&format!("tcpnetlock: lock {name} released"));
+            }
+            Ok(code)
+        }
+        // Found only now, the loss may have come while the command ran: its success cannot be
+        // trusted, as if the loss had been seen in time (--on-lost terminate).
+        Err(client::Error::Lost(why)) if args.on_lost == OnLost::Terminate => Err(Fail::new(
+            EXIT_LOST,
+            &format!(
+                "lock {name} lost: {why}; found on releasing it after the command ended \
+                 (status {code})"
+            ),
         )),
+        Err(e) => {
+            err_line(&format!(
+                "tcpnetlock: warning: lock {name}: {}",
+                printable(&e.to_string())
+            ));
+            Ok(code)
+        }
     }
 }
 
