@@ -1,14 +1,10 @@
-//! tcpnetlock: a network lock server. A client holds a named lock for exactly as long as its TCP
-//! connection lives; the wire protocol is the line protocol of tcpnetlock 0.1.8 (docs/PROTOCOL.md).
+//! A client for tcpnetlock, a network lock server: a lock is held for exactly as long as the TCP
+//! connection that took it lives.
 //!
-//! The crate is layered so each part can be tested alone: [`protocol`] turns bytes into requests
-//! and replies into bytes, [`table`] decides who holds what, and [`server`] does the sockets and
-//! threads around them. [`client`] is the blocking client library (a lock is a guard that
-//! releases on drop); the command line tools in [`cli`] are built on it.
+//! [`client`] is the blocking client (a granted lock is a guard that releases on drop);
+//! [`protocol`] is the line protocol both sides speak (docs/PROTOCOL.md), the protocol of
+//! tcpnetlock 0.1.8 plus opt-in extensions. The server and the command-line tools are the
+//! `tcpnetlock` program built from this package; none of them is part of this library.
 
-pub mod cli;
 pub mod client;
-pub mod log;
 pub mod protocol;
-pub mod server;
-pub mod table;

@@ -1,3 +1,27 @@
+//! The `tcpnetlock` program: the lock server and the command-line tools, one static binary.
+//!
+//! The library (`tcpnetlock::client`, `protocol`, `status`) is what programs link; everything
+//! here is the program's own: [`cli`] parses the command line and runs a subcommand, [`server`]
+//! does the sockets and threads around the lock table ([`table`], a pure state machine), and
+//! [`log`] sends the server's log lines to syslog or stderr without ever blocking a client.
+
+mod cli;
+mod log;
+mod server;
+mod table;
+
 fn main() -> std::process::ExitCode {
-    tcpnetlock::cli::main()
+    #[cfg(feature = "assets")]
+    if let [_, flag, dir] = &std::env::args_os().collect::<Vec<_>>()[..]
+        && flag == "__assets"
+    {
+        return match cli::assets::main(std::path::Path::new(dir)) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tcpnetlock __assets: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    cli::main()
 }

@@ -231,8 +231,10 @@ pub fn cpu_busy_pct(span: Duration) -> Option<f64> {
 }
 
 /// Raises the soft descriptor limit to the hard one (the bench holds one socket per holder), the
-/// way the server does for itself.
-pub use tcpnetlock::server::raise_fd_limit;
+/// way the server does for itself: the server's own code, mounted here.
+#[path = "../../src/server/fdlimit.rs"]
+mod fdlimit;
+pub use fdlimit::raise_fd_limit;
 
 /// User plus system CPU seconds of process `pid` (`"self"` for the bench) so far.
 pub fn cpu_secs(pid: &str) -> Option<f64> {

@@ -15,7 +15,13 @@ use std::time::Duration;
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use tcpnetlock::protocol::MAX_SECONDS;
-use tcpnetlock::table::model::{Check, Op};
+
+// The table is the server program's, not the library's: mounted here as the program mounts it.
+#[path = "../../src/table/mod.rs"]
+#[allow(dead_code)]
+mod table;
+
+use table::model::{Check, Op};
 
 const NAMES: [&str; 3] = ["a", "b", "c"];
 const MAX_OPS: usize = 400;

@@ -27,7 +27,7 @@ use super::{
     EXIT_NOT_GRANTED, EXIT_SERVER_FAILED, EXIT_USAGE, Fail, ServerAddr, dispatch,
     parse_bounded_secs,
 };
-use crate::client;
+use tcpnetlock::client;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -24,7 +24,7 @@ use clap::Args;
 
 use super::signals::{self, SignalFd};
 use super::{EXIT_FAILURE, EXIT_LOST, EXIT_NOT_GRANTED, Fail, ServerAddr, parse_protocol_secs};
-use crate::client::{self, Lock, Lost};
+use tcpnetlock::client::{self, Lock, Lost};
 
 const EXIT_CODES: &str = "\
 Exit status: 0 after releasing (stdin ended, or SIGTERM/SIGINT/SIGHUP); 122 if the lock was \

@@ -4,6 +4,8 @@
 //! The binary is also the three programs of tcpnetlock 0.1.8 when invoked under their names
 //! (symlinks `tcpnetlock_server`, `tcpnetlock_client`, `tcpnetlock_do`): see [`dropin`].
 
+#[cfg(feature = "assets")]
+pub mod assets;
 pub mod dropin;
 pub mod lock;
 mod output;
@@ -20,7 +22,7 @@ use std::time::Duration;
 
 use clap::{ArgMatches, Args, FromArgMatches, Parser, Subcommand};
 
-use crate::client::{self, Client};
+use tcpnetlock::client::{self, Client};
 
 // Every exit status the commands use, in one table. The README's tables follow this one.
 //
@@ -259,6 +261,8 @@ impl Fail {
             E::NotGranted | E::Server(_) => EXIT_NOT_GRANTED,
             E::Lost(_) => EXIT_LOST,
             E::Refused { .. } | E::Connect { .. } | E::Protocol(_) | E::Io(_) => EXIT_UNREACHABLE,
+            // The library's errors are non-exhaustive; one it adds later is still a failure.
+            _ => EXIT_FAILURE,
         };
         Fail::new(code, &output::printable(&e.to_string()))
     }
@@ -343,10 +347,10 @@ pub fn parse_secs(text: &str) -> Result<Duration, String> {
 /// Seconds the way the protocol takes them for `wait:` and `ttl:` (decimal, at most a week), so
 /// that a value the server would refuse is a usage error here.
 pub fn parse_protocol_secs(text: &str) -> Result<Duration, String> {
-    crate::protocol::parse_seconds(text.trim()).ok_or_else(|| {
+    tcpnetlock::protocol::parse_seconds(text.trim()).ok_or_else(|| {
         format!(
             "expected seconds from 0 to {} (digits, optionally a fraction), got {text:?}",
-            crate::protocol::MAX_SECONDS
+            tcpnetlock::protocol::MAX_SECONDS
         )
     })
 }
@@ -354,7 +358,7 @@ pub fn parse_protocol_secs(text: &str) -> Result<Duration, String> {
 /// The longest duration any client flag takes (--grace, --retry-wait, --keep-alive-secs): a
 /// week, as the protocol's `wait:` and `ttl:`. Longer is a mistake, and past about 2^63 s a
 /// deadline cannot be represented at all.
-pub const MAX_FLAG_SECS: u64 = crate::protocol::MAX_SECONDS;
+pub const MAX_FLAG_SECS: u64 = tcpnetlock::protocol::MAX_SECONDS;
 
 /// Seconds as [`parse_secs`] reads them, from 0 to [`MAX_FLAG_SECS`].
 pub fn parse_bounded_secs(text: &str) -> Result<Duration, String> {

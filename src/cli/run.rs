@@ -22,8 +22,8 @@ use super::{
     EXIT_CANNOT_RUN, EXIT_LOST, EXIT_NOT_FOUND, EXIT_NOT_GRANTED, EXIT_USAGE, Fail, ServerAddr,
     parse_bounded_secs, parse_protocol_secs,
 };
-use crate::client::{self, Client, Lock};
-use crate::protocol::DEFAULT_MAX_NAME_LEN;
+use tcpnetlock::client::{self, Client, Lock};
+use tcpnetlock::protocol::DEFAULT_MAX_NAME_LEN;
 
 /// Signals sent to `do` that go on to the command's process group.
 const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
@@ -520,7 +520,10 @@ mod tests {
         let b = name(&[&"x".repeat(300), "b"]);
         assert_eq!(a.len(), DEFAULT_MAX_NAME_LEN);
         assert_ne!(a, b);
-        assert!(crate::protocol::valid_lock_name(&a, DEFAULT_MAX_NAME_LEN));
+        assert!(tcpnetlock::protocol::valid_lock_name(
+            &a,
+            DEFAULT_MAX_NAME_LEN
+        ));
         assert_eq!(name(&[&"y".repeat(128)]), "y".repeat(128));
     }
 

@@ -43,7 +43,7 @@ pub struct ServerArgs {
     max_line_length: usize,
 
     /// Longest lock name (1 to 1048576).
-    #[arg(long, value_name = "N", default_value_t = crate::protocol::DEFAULT_MAX_NAME_LEN,
+    #[arg(long, value_name = "N", default_value_t = tcpnetlock::protocol::DEFAULT_MAX_NAME_LEN,
           value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_LINE))]
     max_name_length: usize,
 
@@ -206,7 +206,7 @@ pub fn run(args: ServerArgs) -> Result<(), Fail> {
         )
     })?;
     crate::log::init(args.log.clone(), args.level()).map_err(|e| Fail::new(EXIT_USAGE, &e))?;
-    server::raise_fd_limit();
+    server::fdlimit::raise_fd_limit();
 
     let (listeners, passed) = listeners(&args)?;
     let addrs: Vec<String> = listeners

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::output::{self, printable};
 use super::{EXIT_FAILURE, EXIT_UNREACHABLE, Fail, ServerAddr};
-use crate::client;
+use tcpnetlock::client;
 
 const EXIT_CODES: &str = "\
 Exit status: 0 on an answer (also when stdout is a pipe closed early, as by `head`); 125 if the \

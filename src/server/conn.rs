@@ -20,8 +20,8 @@ use log::{debug, info, warn};
 
 use super::Server;
 use super::link::Link;
-use crate::protocol::{HeldRequest, LockRequest, Reply, Request};
 use crate::table::{self, ConnId, Decision, State};
+use tcpnetlock::protocol::{HeldRequest, LockRequest, Reply, Request};
 
 /// How often a half-closed holder is probed. The lock is freed within about twice this after the
 /// client process dies (the write that provokes the reset, then the wait for it).

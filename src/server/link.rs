@@ -15,7 +15,7 @@ use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
-use crate::protocol::Reply;
+use tcpnetlock::protocol::Reply;
 
 #[derive(Debug)]
 pub struct Link {

@@ -21,8 +21,8 @@ use log::debug;
 
 use super::link::Link;
 use super::tokens::Tokens;
-use crate::protocol::Reply;
 use crate::table::{self, ConnId, Counters, Decision, Event, LockInfo, State, Table};
+use tcpnetlock::protocol::Reply;
 
 pub use crate::table::LockRequest;
 
@@ -49,8 +49,6 @@ pub struct Counts {
     pub holders: usize,
     pub waiting: usize,
     pub counters: Counters,
-    /// The token the next grant will carry.
-    pub next_token: u64,
 }
 
 type Events = Vec<Event<Arc<Link>>>;
@@ -205,7 +203,6 @@ impl Locks {
             holders: t.holders(),
             waiting: t.waiting(),
             counters: t.counters(),
-            next_token: t.next_token(),
         }
     }
 

@@ -8,6 +8,7 @@
 //! held across socket I/O.
 
 pub mod conn;
+pub mod fdlimit;
 pub mod link;
 pub mod listen;
 pub mod locks;
@@ -26,11 +27,11 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 
-use crate::protocol::Reply;
 use crate::table::ConnId;
 use conn::Conn;
 use listen::Keepalive;
 use locks::Locks;
+use tcpnetlock::protocol::Reply;
 
 /// Everything the operator can tune; each field is a `tcpnetlock server` flag.
 #[derive(Debug, Clone)]
@@ -57,7 +58,7 @@ impl Default for Config {
             max_connections: 10_000,
             max_connections_per_peer: None,
             max_line: 1024,
-            max_name_len: crate::protocol::DEFAULT_MAX_NAME_LEN,
+            max_name_len: tcpnetlock::protocol::DEFAULT_MAX_NAME_LEN,
             request_timeout: Duration::from_secs(10),
             keepalive: Some(Keepalive {
                 time: Duration::from_secs(20),
@@ -459,23 +460,4 @@ fn maxrss_kib() -> i64 {
     }
     // SAFETY: getrusage succeeded, so the struct is initialised.
     unsafe { usage.assume_init() }.ru_maxrss
-}
-
-/// Raises the soft descriptor limit to the hard one: each held lock is a descriptor, and the
-/// usual soft limit of 1024 would cap the server far below `--max-connections`.
-pub fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain struct in and out.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let old = lim.rlim_cur;
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
-                debug!("raised the descriptor limit from {old} to {}", lim.rlim_max);
-            }
-        }
-    }
 }

@@ -363,7 +363,8 @@ impl<H: Clone> Table<H> {
         self.deadlines.first_key_value().map(|(d, _)| d.at)
     }
 
-    /// Names held or awaited.
+    /// Names held or awaited (for the model check: no name outlives its holders and waiters).
+    #[cfg(any(test, fuzzing))]
     pub fn names(&self) -> usize {
         self.names.len()
     }
@@ -378,26 +379,12 @@ impl<H: Clone> Table<H> {
         self.held
     }
 
-    /// The token the next grant will carry.
-    pub fn next_token(&self) -> u64 {
-        self.next_token
-    }
-
     pub fn waiting(&self) -> usize {
         self.waiting
     }
 
     pub fn counters(&self) -> Counters {
         self.counters
-    }
-
-    /// The longest any current holder has held its lock.
-    pub fn oldest_hold(&self, now: Instant) -> Option<Duration> {
-        self.names
-            .values()
-            .flat_map(|e| e.holders.values())
-            .map(|h| now.saturating_duration_since(h.since))
-            .max()
     }
 
     /// Every held name with its holders and queue length, copied as they are. Unsorted: the
@@ -430,6 +417,7 @@ impl<H: Clone> Table<H> {
     }
 
     /// Every held name, sorted, with its holders (longest held first) and queue length.
+    #[cfg(any(test, fuzzing))]
     pub fn snapshot(&self, now: Instant) -> Vec<LockInfo> {
         let mut locks = self.snapshot_unsorted(now);
         sort_snapshot(&mut locks);
@@ -518,7 +506,7 @@ pub fn sort_snapshot(locks: &mut [LockInfo]) {
     }
 }
 
-#[doc(hidden)]
+#[cfg(any(test, fuzzing))]
 pub mod model;
 
 #[cfg(test)]

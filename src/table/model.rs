@@ -464,12 +464,5 @@ impl Check {
             want.sort();
             assert_eq!(got, want, "holders of {}", lock.name);
         }
-        let oldest = m
-            .names
-            .values()
-            .flat_map(|n| &n.holders)
-            .map(|h| self.now - h.since)
-            .max();
-        assert_eq!(t.oldest_hold(self.now), oldest);
     }
 }

@@ -1,12 +1,12 @@
 //! Writes the man pages and shell completions from the clap definition, for packaging:
 //!
 //! ```text
-//! cargo run --example gen-assets -- OUT_DIR
+//! cargo run --features assets -- __assets OUT_DIR
 //! ```
 //!
 //! OUT_DIR/man/tcpnetlock.1 and one page per subcommand (tcpnetlock-server.1, ...), and
-//! OUT_DIR/completions/{tcpnetlock.bash,_tcpnetlock,tcpnetlock.fish}. An example rather than
-//! part of the binary, so clap_mangen and clap_complete never reach the shipped program.
+//! OUT_DIR/completions/{tcpnetlock.bash,_tcpnetlock,tcpnetlock.fish}. Built only with the
+//! `assets` feature, so clap_mangen and clap_complete never reach the shipped program.
 
 use std::fs;
 use std::path::Path;
@@ -14,17 +14,14 @@ use std::path::Path;
 use clap::CommandFactory;
 use clap_complete::Shell;
 
-fn main() -> std::io::Result<()> {
-    let out = std::env::args_os()
-        .nth(1)
-        .expect("usage: gen-assets OUT_DIR");
-    let out = Path::new(&out);
+/// `tcpnetlock __assets OUT_DIR`.
+pub fn main(out: &Path) -> std::io::Result<()> {
     let man = out.join("man");
     let completions = out.join("completions");
     fs::create_dir_all(&man)?;
     fs::create_dir_all(&completions)?;
 
-    let mut cmd = tcpnetlock::cli::Cli::command();
+    let mut cmd = super::Cli::command();
     cmd.build();
     write_man(&cmd, "tcpnetlock", &man)?;
     for sub in cmd
