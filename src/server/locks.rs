@@ -1,44 +1,47 @@
-//! The one owner of lock state in the server.
+//! The seam between connections and lock state.
 //!
-//! Every change to the lock table goes through [`Locks`], which keeps three promises the callers
-//! would otherwise each have to remember:
-//! - the timer thread is woken whenever a change moves the next deadline earlier than the one it
-//!   sleeps towards (a waiter granted by a release starts its lease *now*);
-//! - no socket I/O happens under the table mutex: decisions are made under it, and carried out
-//!   (grant lines, `expired`, `not-granted`) after it is let go;
-//! - a grant line reaches its client before anything decided after it ([`Link`]).
+//! A connection says what happened — it asks for a lock, sends a request, goes away — and never
+//! sees how the state is kept: in memory ([`super::memory::MemoryLocks`], the default), or in a
+//! store shared by several servers, where a grant arrives from a watch rather than from another
+//! connection's release. Whatever a change means for *other* connections (a waiter granted, a
+//! lease expired) the implementation tells them itself, through their [`Link`]s, from whichever
+//! thread it learns it on.
 //!
-//! Connections only say what happened (`lock`, `renew`, `leave`); whatever that means for other
-//! connections is told to them here, through their [`Link`]s. A lock state kept elsewhere (a
-//! store that grants through a watch rather than through another connection's release) fits
-//! behind the same calls.
+//! Every implementation keeps the same promises: a grant line reaches its client before anything
+//! decided after it; nothing is written to a socket while state is locked; deadlines (leases,
+//! waits) are enforced on time, however they moved.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
-
-use log::debug;
+use std::io;
+use std::sync::Arc;
 
 use super::link::Link;
-use super::tokens::Tokens;
-use crate::table::{self, ConnId, Counters, Decision, Event, LockInfo, State, Table};
-use tcpnetlock::protocol::Reply;
+use crate::table::{ConnId, Counters, Decision, LockInfo, LockRequest, State};
 
-pub use crate::table::LockRequest;
+pub trait Locks: Send + Sync {
+    /// Grants, queues or refuses `req` for `name`. When it returns, a grant's line has been
+    /// written through `req.handle` (or the client was found gone and the lock passed on); a
+    /// queued request is told later, through the same handle: its grant, or `not-granted` when
+    /// its wait runs out.
+    fn lock(&self, name: &str, req: LockRequest<Arc<Link>>) -> Decision;
 
-pub struct Locks {
-    inner: Mutex<Inner>,
-    /// Keeps the stored token reservation above every token that goes out.
-    tokens: Tokens,
-    /// Wakes the timer thread; paired with `inner`.
-    timer: Condvar,
-}
+    /// The connection sent a request: a holder's lease starts over. Returns where it stands.
+    fn renew(&self, name: &str, conn: ConnId) -> State;
 
-struct Inner {
-    table: Table<Arc<Link>>,
-    /// Where the timer thread is: `None` while it runs, else the deadline it sleeps towards
-    /// (`Some(None)`: no deadline, it sleeps until woken).
-    timer_sleeps_until: Option<Option<Instant>>,
+    /// Where the connection stands.
+    fn state(&self, name: &str, conn: ConnId) -> State;
+
+    /// The connection releases, cancels its wait, or is gone; its place passes on. Returns where
+    /// it stood. Safe to call twice, or after the connection was expired.
+    fn leave(&self, name: &str, conn: ConnId) -> State;
+
+    /// Every held name, sorted, with its holders (longest held first).
+    fn snapshot(&self) -> Vec<LockInfo>;
+
+    /// What `.stats` and the status line report.
+    fn counts(&self) -> Counts;
+
+    /// Starts what runs beside the connections (the timer that enforces deadlines).
+    fn start(self: Arc<Self>) -> io::Result<()>;
 }
 
 /// What `.stats` and the status line report of the lock state.
@@ -49,190 +52,4 @@ pub struct Counts {
     pub holders: usize,
     pub waiting: usize,
     pub counters: Counters,
-}
-
-type Events = Vec<Event<Arc<Link>>>;
-
-impl Locks {
-    pub fn new(first_token: u64, tokens: Tokens) -> Locks {
-        Locks {
-            tokens,
-            inner: Mutex::new(Inner {
-                table: Table::new(first_token),
-                timer_sleeps_until: None,
-            }),
-            timer: Condvar::new(),
-        }
-    }
-
-    fn inner(&self) -> MutexGuard<'_, Inner> {
-        // Table methods leave it consistent at every return, so a panic elsewhere while the
-        // guard was held does not make it unusable.
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Applies one change under the mutex, then carries out what it decided.
-    fn change<R>(&self, f: impl FnOnce(&mut Table<Arc<Link>>, Instant) -> (R, Events)) -> R {
-        let mut inner = self.inner();
-        let (result, events) = f(&mut inner.table, Instant::now());
-        self.decided(inner, events);
-        result
-    }
-
-    /// Marks the grants among `events` (so their lines go first), wakes the timer if the next
-    /// deadline moved earlier, lets go of the mutex, and tells the connections concerned.
-    fn decided(&self, inner: MutexGuard<'_, Inner>, events: Events) {
-        let events = self.settle(inner, events);
-        self.deliver(events);
-    }
-
-    /// [`decided`](Locks::decided) without the telling.
-    fn settle(&self, inner: MutexGuard<'_, Inner>, events: Events) -> Events {
-        for event in &events {
-            if let Event::Granted { handle, .. } = event {
-                handle.grant_decided();
-            }
-        }
-        if let (Some(sleeps_until), Some(next)) =
-            (inner.timer_sleeps_until, inner.table.next_deadline())
-            && sleeps_until.is_none_or(|at| next < at)
-        {
-            self.timer.notify_one();
-        }
-        events
-    }
-
-    /// Tells each connection concerned what was decided. A waiter that cannot take its grant is
-    /// gone: its place passes on at once (in a loop, not by recursion: a queue of departed
-    /// waiters may be long).
-    fn deliver(&self, events: Events) {
-        self.deliver_with(events, true);
-    }
-
-    fn deliver_quietly(&self, events: Events) {
-        self.deliver_with(events, false);
-    }
-
-    fn deliver_with(&self, events: Events, log_grants: bool) {
-        let mut pending = VecDeque::from(events);
-        while let Some(event) = pending.pop_front() {
-            match event {
-                Event::Granted {
-                    conn,
-                    token,
-                    handle,
-                } => {
-                    // The reservation is stored before the token leaves the server.
-                    self.tokens.cover(token);
-                    match handle.write_grant(token) {
-                        Ok(()) if log_grants => {
-                            debug!("lock {}: granted to a waiter (token {token})", handle.name)
-                        }
-                        Ok(()) => {}
-                        Err(e) => {
-                            debug!("lock {}: grant to a departed client ({e})", handle.name);
-                            let mut inner = self.inner();
-                            let (_, more) = inner.table.leave(&handle.name, conn, Instant::now());
-                            pending.extend(self.settle(inner, more));
-                        }
-                    }
-                }
-                Event::Expired { handle, .. } => {
-                    debug!("lock {}: lease expired", handle.name);
-                    handle.end_with(&Reply::Expired);
-                }
-                Event::TimedOut { handle, .. } => {
-                    debug!("lock {}: wait timed out", handle.name);
-                    handle.end_with(&Reply::NotGranted);
-                }
-            }
-        }
-    }
-
-    /// Grants, queues or refuses `req`. A grant's line has been written (or the client found
-    /// gone, and the lock passed on) when this returns; a queued request is told later, through
-    /// `req.handle`.
-    pub fn lock(&self, name: &str, req: LockRequest<Arc<Link>>) -> Decision {
-        let handle = Arc::clone(&req.handle);
-        let conn = req.conn;
-        let mut inner = self.inner();
-        let decision = inner.table.lock(name, req, Instant::now());
-        let granted = match decision {
-            Decision::Granted { token } => vec![Event::Granted {
-                conn,
-                token,
-                handle,
-            }],
-            _ => Vec::new(),
-        };
-        let granted = self.settle(inner, granted);
-        // The connection's own thread logs its grant, with its peer.
-        self.deliver_quietly(granted);
-        decision
-    }
-
-    /// The connection sent a request: a holder's lease starts over. Returns where it stands.
-    pub fn renew(&self, name: &str, conn: ConnId) -> State {
-        // Renewing only moves a deadline later: the timer need not hear of it.
-        self.inner().table.activity(name, conn, Instant::now())
-    }
-
-    /// Where the connection stands.
-    pub fn state(&self, name: &str, conn: ConnId) -> State {
-        self.inner().table.state(name, conn)
-    }
-
-    /// The connection releases, cancels its wait, or is gone; its place passes on. Returns where
-    /// it stood. Safe to call twice, or after the connection was expired.
-    pub fn leave(&self, name: &str, conn: ConnId) -> State {
-        self.change(|table, now| table.leave(name, conn, now))
-    }
-
-    /// Every held name, sorted, with its holders. Copied under the mutex; sorted after it.
-    pub fn snapshot(&self) -> Vec<LockInfo> {
-        let mut locks = self.inner().table.snapshot_unsorted(Instant::now());
-        table::sort_snapshot(&mut locks);
-        locks
-    }
-
-    pub fn counts(&self) -> Counts {
-        let inner = self.inner();
-        let t = &inner.table;
-        Counts {
-            held: t.held(),
-            holders: t.holders(),
-            waiting: t.waiting(),
-            counters: t.counters(),
-        }
-    }
-
-    /// The timer thread: expires leases and ends waits when their time comes, sleeping until
-    /// the next deadline or until a change makes one sooner.
-    pub fn run_timer(&self) -> ! {
-        let mut inner = self.inner();
-        loop {
-            let now = Instant::now();
-            let events = inner.table.tick(now);
-            if !events.is_empty() {
-                self.decided(inner, events);
-                inner = self.inner();
-                continue;
-            }
-            let next = inner.table.next_deadline();
-            inner.timer_sleeps_until = Some(next);
-            inner = match next {
-                Some(at) => {
-                    self.timer
-                        .wait_timeout(inner, at.saturating_duration_since(now))
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0
-                }
-                None => self
-                    .timer
-                    .wait(inner)
-                    .unwrap_or_else(PoisonError::into_inner),
-            };
-            inner.timer_sleeps_until = None;
-        }
-    }
 }

@@ -12,6 +12,7 @@ pub mod fdlimit;
 pub mod link;
 pub mod listen;
 pub mod locks;
+pub mod memory;
 pub mod notify;
 pub mod pool;
 pub mod tokens;
@@ -31,6 +32,7 @@ use crate::table::ConnId;
 use conn::Conn;
 use listen::Keepalive;
 use locks::Locks;
+use memory::MemoryLocks;
 use tcpnetlock::protocol::Reply;
 
 /// Everything the operator can tune; each field is a `tcpnetlock server` flag.
@@ -87,7 +89,7 @@ const WORKER_STACK: usize = 128 * 1024;
 pub struct Server {
     pub config: Config,
     /// The lock state, and the only way to change it.
-    pub locks: Locks,
+    pub locks: Arc<dyn Locks>,
     pool: pool::Pool<Acceptor>,
     started: Instant,
     /// Connections accepted since start (0.1.8's `requests_count`).
@@ -170,7 +172,7 @@ impl Server {
         let (first_token, tokens) = tokens::Tokens::start(config.state_dir.as_deref())?;
         Ok(Arc::new(Server {
             config,
-            locks: Locks::new(first_token, tokens),
+            locks: Arc::new(MemoryLocks::new(first_token, tokens)),
             pool: pool::Pool::new(idle, WORKER_STACK, |a: Acceptor| {
                 a.server.accept_loop(a.listener)
             }),
@@ -207,10 +209,7 @@ impl Server {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = first.try_clone().ok();
         }
-        let server = Arc::clone(self);
-        thread::Builder::new()
-            .name("tcpnetlock-timer".into())
-            .spawn(move || server.locks.run_timer())?;
+        Arc::clone(&self.locks).start()?;
         for listener in listeners {
             // A socket inherited from systemd may have been left non-blocking by a previous
             // instance: the open file description is shared across restarts.

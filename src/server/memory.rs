@@ -1,0 +1,229 @@
+//! Lock state in memory: the default [`Locks`], a pure [`Table`] behind one mutex.
+//!
+//! Every change to the table goes through [`MemoryLocks`], which keeps three promises the callers
+//! would otherwise each have to remember:
+//! - the timer thread is woken whenever a change moves the next deadline earlier than the one it
+//!   sleeps towards (a waiter granted by a release starts its lease *now*);
+//! - no socket I/O happens under the table mutex: decisions are made under it, and carried out
+//!   (grant lines, `expired`, `not-granted`) after it is let go;
+//! - a grant line reaches its client before anything decided after it ([`Link`]).
+//!
+//! Connections only say what happened (`lock`, `renew`, `leave`); whatever that means for other
+//! connections is told to them here, through their [`Link`]s.
+
+use std::collections::VecDeque;
+use std::io;
+use std::thread;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use log::debug;
+
+use super::link::Link;
+use super::locks::{Counts, Locks};
+use super::tokens::Tokens;
+use crate::table::{self, ConnId, Decision, Event, LockInfo, LockRequest, State, Table};
+use tcpnetlock::protocol::Reply;
+
+pub struct MemoryLocks {
+    inner: Mutex<Inner>,
+    /// Keeps the stored token reservation above every token that goes out.
+    tokens: Tokens,
+    /// Wakes the timer thread; paired with `inner`.
+    timer: Condvar,
+}
+
+struct Inner {
+    table: Table<Arc<Link>>,
+    /// Where the timer thread is: `None` while it runs, else the deadline it sleeps towards
+    /// (`Some(None)`: no deadline, it sleeps until woken).
+    timer_sleeps_until: Option<Option<Instant>>,
+}
+
+type Events = Vec<Event<Arc<Link>>>;
+
+impl MemoryLocks {
+    pub fn new(first_token: u64, tokens: Tokens) -> MemoryLocks {
+        MemoryLocks {
+            tokens,
+            inner: Mutex::new(Inner {
+                table: Table::new(first_token),
+                timer_sleeps_until: None,
+            }),
+            timer: Condvar::new(),
+        }
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        // Table methods leave it consistent at every return, so a panic elsewhere while the
+        // guard was held does not make it unusable.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Applies one change under the mutex, then carries out what it decided.
+    fn change<R>(&self, f: impl FnOnce(&mut Table<Arc<Link>>, Instant) -> (R, Events)) -> R {
+        let mut inner = self.inner();
+        let (result, events) = f(&mut inner.table, Instant::now());
+        self.decided(inner, events);
+        result
+    }
+
+    /// Marks the grants among `events` (so their lines go first), wakes the timer if the next
+    /// deadline moved earlier, lets go of the mutex, and tells the connections concerned.
+    fn decided(&self, inner: MutexGuard<'_, Inner>, events: Events) {
+        let events = self.settle(inner, events);
+        self.deliver(events);
+    }
+
+    /// [`decided`](MemoryLocks::decided) without the telling.
+    fn settle(&self, inner: MutexGuard<'_, Inner>, events: Events) -> Events {
+        for event in &events {
+            if let Event::Granted { handle, .. } = event {
+                handle.grant_decided();
+            }
+        }
+        if let (Some(sleeps_until), Some(next)) =
+            (inner.timer_sleeps_until, inner.table.next_deadline())
+            && sleeps_until.is_none_or(|at| next < at)
+        {
+            self.timer.notify_one();
+        }
+        events
+    }
+
+    /// Tells each connection concerned what was decided. A waiter that cannot take its grant is
+    /// gone: its place passes on at once (in a loop, not by recursion: a queue of departed
+    /// waiters may be long).
+    fn deliver(&self, events: Events) {
+        self.deliver_with(events, true);
+    }
+
+    fn deliver_quietly(&self, events: Events) {
+        self.deliver_with(events, false);
+    }
+
+    fn deliver_with(&self, events: Events, log_grants: bool) {
+        let mut pending = VecDeque::from(events);
+        while let Some(event) = pending.pop_front() {
+            match event {
+                Event::Granted {
+                    conn,
+                    token,
+                    handle,
+                } => {
+                    // The reservation is stored before the token leaves the server.
+                    self.tokens.cover(token);
+                    match handle.write_grant(token) {
+                        Ok(()) if log_grants => {
+                            debug!("lock {}: granted to a waiter (token {token})", handle.name)
+                        }
+                        Ok(()) => {}
+                        Err(e) => {
+                            debug!("lock {}: grant to a departed client ({e})", handle.name);
+                            let mut inner = self.inner();
+                            let (_, more) = inner.table.leave(&handle.name, conn, Instant::now());
+                            pending.extend(self.settle(inner, more));
+                        }
+                    }
+                }
+                Event::Expired { handle, .. } => {
+                    debug!("lock {}: lease expired", handle.name);
+                    handle.end_with(&Reply::Expired);
+                }
+                Event::TimedOut { handle, .. } => {
+                    debug!("lock {}: wait timed out", handle.name);
+                    handle.end_with(&Reply::NotGranted);
+                }
+            }
+        }
+    }
+
+    /// The timer thread: expires leases and ends waits when their time comes, sleeping until
+    /// the next deadline or until a change makes one sooner.
+    fn run_timer(&self) -> ! {
+        let mut inner = self.inner();
+        loop {
+            let now = Instant::now();
+            let events = inner.table.tick(now);
+            if !events.is_empty() {
+                self.decided(inner, events);
+                inner = self.inner();
+                continue;
+            }
+            let next = inner.table.next_deadline();
+            inner.timer_sleeps_until = Some(next);
+            inner = match next {
+                Some(at) => {
+                    self.timer
+                        .wait_timeout(inner, at.saturating_duration_since(now))
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+                None => self
+                    .timer
+                    .wait(inner)
+                    .unwrap_or_else(PoisonError::into_inner),
+            };
+            inner.timer_sleeps_until = None;
+        }
+    }
+}
+
+impl Locks for MemoryLocks {
+    fn lock(&self, name: &str, req: LockRequest<Arc<Link>>) -> Decision {
+        let handle = Arc::clone(&req.handle);
+        let conn = req.conn;
+        let mut inner = self.inner();
+        let decision = inner.table.lock(name, req, Instant::now());
+        let granted = match decision {
+            Decision::Granted { token } => vec![Event::Granted {
+                conn,
+                token,
+                handle,
+            }],
+            _ => Vec::new(),
+        };
+        let granted = self.settle(inner, granted);
+        // The connection's own thread logs its grant, with its peer.
+        self.deliver_quietly(granted);
+        decision
+    }
+
+    fn renew(&self, name: &str, conn: ConnId) -> State {
+        // Renewing only moves a deadline later: the timer need not hear of it.
+        self.inner().table.activity(name, conn, Instant::now())
+    }
+
+    fn state(&self, name: &str, conn: ConnId) -> State {
+        self.inner().table.state(name, conn)
+    }
+
+    fn leave(&self, name: &str, conn: ConnId) -> State {
+        self.change(|table, now| table.leave(name, conn, now))
+    }
+
+    fn snapshot(&self) -> Vec<LockInfo> {
+        // Copied under the mutex; sorted after it.
+        let mut locks = self.inner().table.snapshot_unsorted(Instant::now());
+        table::sort_snapshot(&mut locks);
+        locks
+    }
+
+    fn counts(&self) -> Counts {
+        let inner = self.inner();
+        let t = &inner.table;
+        Counts {
+            held: t.held(),
+            holders: t.holders(),
+            waiting: t.waiting(),
+            counters: t.counters(),
+        }
+    }
+
+    fn start(self: Arc<Self>) -> io::Result<()> {
+        thread::Builder::new()
+            .name("tcpnetlock-timer".into())
+            .spawn(move || self.run_timer())?;
+        Ok(())
+    }
+}
