@@ -116,9 +116,7 @@ impl ServerArgs {
     /// The server's configuration; every value is already within its bounds (the flags'
     /// parsers check them).
     fn config(&self) -> Config {
-        let defaults = Config::default()
-            .keepalive
-            .expect("keepalive is on by default");
+        let defaults = server::config::DEFAULT_KEEPALIVE;
         let time = self
             .keepalive_time
             .map_or(defaults.time, Duration::from_secs);
@@ -144,7 +142,6 @@ impl ServerArgs {
             keepalive_from_flags,
             allow_shutdown: self.allow_shutdown_from_loopback,
             state_dir: self.state_dir.clone(),
-            ..Config::default()
         }
     }
 }

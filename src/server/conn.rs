@@ -9,7 +9,7 @@
 //! the kernel keeps out of the normal stream, so the client program never reads it (a pipeline
 //! such as `nc ... | head -n 1` would otherwise get a byte on its stdout, or a SIGPIPE).
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::mem::MaybeUninit;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 
 use super::Server;
+use super::framing::{ReadError, Requests};
 use super::link::Link;
 use crate::table::{self, ConnId, Decision, State};
 use tcpnetlock::protocol::{HeldRequest, LockRequest, Reply, Request};
@@ -37,19 +38,19 @@ use tcpnetlock::protocol::{HeldRequest, LockRequest, Reply, Request};
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// An accepted client, on its way to a worker.
-pub struct Conn {
-    pub stream: TcpStream,
-    pub peer: SocketAddr,
-    pub id: ConnId,
-    pub server: Arc<Server>,
+pub(super) struct Conn {
+    pub(super) stream: TcpStream,
+    pub(super) peer: SocketAddr,
+    pub(super) id: ConnId,
+    pub(super) server: Arc<Server>,
     /// Admitted past a connection limit: it may ask for status, and a lock request gets this
     /// refusal.
-    pub limited: Option<&'static str>,
+    pub(super) limited: Option<&'static str>,
     /// Decrements the server's open-connection count when the connection ends, however it ends.
-    pub _open: super::OpenGuard,
+    pub(super) _open: super::accept::OpenGuard,
 }
 
-pub fn serve(conn: Conn) {
+pub(super) fn serve(conn: Conn) {
     let Conn {
         stream,
         peer,
@@ -59,12 +60,12 @@ pub fn serve(conn: Conn) {
         _open,
     } = conn;
     let server = &*server;
-    let mut reader = LineReader::new(server.config.max_line);
+    let mut reader = Requests::new(server.config.max_line);
     let timeout = match limited {
         Some(_) => server
             .config
             .request_timeout
-            .min(super::STATUS_ONLY_TIMEOUT),
+            .min(super::accept::STATUS_ONLY_TIMEOUT),
         None => server.config.request_timeout,
     };
     let deadline = Instant::now() + timeout;
@@ -74,7 +75,7 @@ pub fn serve(conn: Conn) {
         Err(ReadError::Eof { partial: true }) | Err(ReadError::TooLong) => {
             return finish(&stream, &Reply::BadRequest);
         }
-        Err(ReadError::TimedOut) => {
+        Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
             debug!("{peer}: no complete request within the request timeout, closing");
             // Past a limit, the reason it was not served is the limit.
             return finish(&stream, &Reply::err(limited.unwrap_or("request timeout")));
@@ -168,7 +169,7 @@ impl<'a> Session<'a> {
         })
     }
 
-    fn run(self, reader: &mut LineReader) {
+    fn run(self, reader: &mut Requests) {
         let stream = self.link.stream();
         loop {
             let line = match reader.next_line(stream, None) {
@@ -186,7 +187,6 @@ impl<'a> Session<'a> {
                     }
                     return;
                 }
-                Err(ReadError::TimedOut) => continue,
                 Err(ReadError::Io(e)) => {
                     debug!(
                         "{}: lock {}: connection lost: {e}",
@@ -312,126 +312,6 @@ fn finish_quietly(stream: &TcpStream) {
         match socket.recv_with_flags(&mut scratch, libc::MSG_DONTWAIT) {
             Ok(n) if n > 0 => continue,
             _ => break,
-        }
-    }
-}
-
-#[derive(Debug)]
-enum ReadError {
-    /// End of file; `partial` when an unterminated line came before it.
-    Eof {
-        partial: bool,
-    },
-    TooLong,
-    TimedOut,
-    Io(io::Error),
-}
-
-/// Splits a byte stream into lines using a buffer of fixed size, so a connection costs the same
-/// memory whatever the client sends. Bytes after a line stay buffered for the next call
-/// (a client may send `lock,...\nrelease\n` in one packet).
-struct LineReader {
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
-    max_line: usize,
-    timeout_set: bool,
-    /// The first read of a request was tried without waiting.
-    tried_without_timeout: bool,
-}
-
-impl LineReader {
-    fn new(max_line: usize) -> LineReader {
-        LineReader {
-            // Room for the longest line plus its `\r\n`.
-            buf: vec![0; max_line + 2].into_boxed_slice(),
-            start: 0,
-            end: 0,
-            max_line,
-            timeout_set: false,
-            tried_without_timeout: false,
-        }
-    }
-
-    /// The next line without its `\n` (a `\r` before it is left for the parser to trim).
-    fn next_line(
-        &mut self,
-        mut stream: &TcpStream,
-        deadline: Option<Instant>,
-    ) -> Result<&[u8], ReadError> {
-        let mut scanned = self.start;
-        loop {
-            if let Some(i) = self.buf[scanned..self.end].iter().position(|&b| b == b'\n') {
-                let nl = scanned + i;
-                let line = self.start..nl;
-                self.start = nl + 1;
-                let content = &self.buf[line.clone()];
-                let len = content.len() - usize::from(content.ends_with(b"\r"));
-                if len > self.max_line {
-                    return Err(ReadError::TooLong);
-                }
-                return Ok(&self.buf[line]);
-            }
-            if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-            }
-            if self.end == self.buf.len() {
-                return Err(ReadError::TooLong);
-            }
-            scanned = self.end;
-            match deadline {
-                // Most requests are already waiting when their connection is accepted: read
-                // them without arming the timeout (which costs two system calls).
-                Some(_) if !self.timeout_set && self.end == 0 && !self.tried_without_timeout => {
-                    self.tried_without_timeout = true;
-                    let socket = socket2::SockRef::from(stream);
-                    // SAFETY: u8 and MaybeUninit<u8> have the same layout, and recv only writes
-                    // initialised bytes into the slice.
-                    let spare =
-                        unsafe { &mut *(&mut self.buf[..] as *mut [u8] as *mut [MaybeUninit<u8>]) };
-                    match socket.recv_with_flags(spare, libc::MSG_DONTWAIT) {
-                        Ok(0) => return Err(ReadError::Eof { partial: false }),
-                        Ok(n) => self.end += n,
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                            ) => {}
-                        Err(e) => return Err(ReadError::Io(e)),
-                    }
-                    continue;
-                }
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(ReadError::TimedOut);
-                    }
-                    stream.set_read_timeout(Some(left)).map_err(ReadError::Io)?;
-                    self.timeout_set = true;
-                }
-                None if self.timeout_set => {
-                    stream.set_read_timeout(None).map_err(ReadError::Io)?;
-                    self.timeout_set = false;
-                }
-                None => {}
-            }
-            match stream.read(&mut self.buf[self.end..]) {
-                Ok(0) => {
-                    return Err(ReadError::Eof {
-                        partial: self.end > self.start,
-                    });
-                }
-                Ok(n) => self.end += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) && deadline.is_some() => {}
-                Err(e) => return Err(ReadError::Io(e)),
-            }
         }
     }
 }

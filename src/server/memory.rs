@@ -13,8 +13,8 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::thread;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread;
 use std::time::Instant;
 
 use log::debug;

@@ -1,0 +1,209 @@
+//! Accepting: one worker per listening socket waits in accept(); when it has a client, it hands
+//! the role to another worker and serves the client itself, so no thread hand-off sits on a
+//! client's path. Limits are checked here, and a client past them is told so with an `err,` line
+//! (a few are still read, for status requests: see [`STATUS_RESERVE`]); running out of threads or
+//! descriptors is answered the same way, never with a silent close or a spinning loop.
+
+use std::io::{self, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+
+use super::conn::{self, Conn};
+use super::{Server, pool};
+use crate::table::ConnId;
+use tcpnetlock::protocol::Reply;
+
+/// Connections past a limit (`--max-connections`, or a peer's) that are still read, so that
+/// health checks and monitoring are answered when the server is full of holders: they may ask
+/// `.ping`, `.stats` or `.locks` (a lock request gets the refusal), within a short time.
+const STATUS_RESERVE: usize = 64;
+const PEER_STATUS_RESERVE: usize = 4;
+pub(super) const STATUS_ONLY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The one job of a pool worker: accept on `listener` (see [`Server::accept_loop`]).
+pub(super) struct Acceptor {
+    pub(super) server: Arc<Server>,
+    pub(super) listener: Arc<TcpListener>,
+}
+
+impl Acceptor {
+    /// The pool's job.
+    pub(super) fn run(self) {
+        self.server.accept_loop(self.listener)
+    }
+}
+
+/// Makes sure every listener always has exactly one worker accepting on it: the role is handed
+/// over before serving a client, and handed over again if the loop unwinds from a panic.
+struct AcceptorRole {
+    next: Option<Acceptor>,
+}
+
+impl AcceptorRole {
+    fn hand_over(&mut self, pool: &pool::Pool<Acceptor>) -> io::Result<()> {
+        let next = self.next.take().expect("the role is handed over once");
+        pool.submit(next).map_err(|(next, e)| {
+            self.next = Some(next);
+            e
+        })
+    }
+}
+
+impl Drop for AcceptorRole {
+    fn drop(&mut self) {
+        if let Some(next) = self.next.take()
+            && thread::panicking()
+        {
+            // Best effort: if no thread can start, the listener has no acceptor until one can.
+            let server = Arc::clone(&next.server);
+            let _ = server.pool.submit(next);
+        }
+    }
+}
+
+/// Keeps [`Server::open`] and the per-peer counts right however a connection ends.
+pub(super) struct OpenGuard {
+    server: Arc<Server>,
+    /// The peer's address, when connections are counted per peer.
+    peer: Option<IpAddr>,
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.server.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(ip) = self.peer {
+            let mut per_peer = self
+                .server
+                .per_peer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(n) = per_peer.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_peer.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+impl Server {
+    /// Runs on a pool worker: accepts until it has a client to serve, hands accepting over to
+    /// another worker, and serves that client itself. The client's request is answered by the
+    /// thread that accepted it, so no thread hand-off sits on its path (one fewer wake-up per
+    /// connection than an acceptor passing connections to workers).
+    pub(super) fn accept_loop(self: Arc<Server>, listener: Arc<TcpListener>) {
+        let mut role = AcceptorRole {
+            next: Some(Acceptor {
+                server: Arc::clone(&self),
+                listener: Arc::clone(&listener),
+            }),
+        };
+        let mut last_warning: Option<Instant> = None;
+        loop {
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    let Some(conn) = self.admit(stream, peer) else {
+                        continue;
+                    };
+                    match role.hand_over(&self.pool) {
+                        Ok(()) => return conn::serve(conn),
+                        Err(e) => {
+                            warn!("{peer}: refused: cannot start a worker thread: {e}");
+                            refuse(conn.stream, &Reply::err("server busy"));
+                        }
+                    }
+                }
+                Err(e) => {
+                    let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                    if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        warn!("accept failed: {e}");
+                        last_warning = Some(Instant::now());
+                    }
+                    if out_of_fds {
+                        self.refuse_without_fds(&listener);
+                    } else if matches!(e.raw_os_error(), Some(libc::ENOBUFS | libc::ENOMEM)) {
+                        thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counts the connection and checks the limits; None when it was refused. Past a limit, a
+    /// few connections are still admitted to ask for status only.
+    fn admit(self: &Arc<Server>, stream: TcpStream, peer: SocketAddr) -> Option<Conn> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut guard = OpenGuard {
+            server: Arc::clone(self),
+            peer: None,
+        };
+        let max = self.config.max_connections;
+        let mut limited = (open > max).then_some(TOO_MANY);
+        if let Some(per_peer_max) = self.config.max_connections_per_peer {
+            let ip = peer.ip().to_canonical();
+            let from_peer = {
+                let mut per_peer = self.per_peer.lock().unwrap_or_else(PoisonError::into_inner);
+                let n = per_peer.entry(ip).or_insert(0);
+                *n += 1;
+                *n
+            };
+            guard.peer = Some(ip);
+            if from_peer > per_peer_max {
+                if from_peer > per_peer_max + PEER_STATUS_RESERVE {
+                    debug!("{peer}: refused: {from_peer} connections open from {ip}");
+                    refuse(stream, &Reply::err(TOO_MANY_FROM_PEER));
+                    return None;
+                }
+                limited = Some(TOO_MANY_FROM_PEER);
+            }
+        }
+        if open > max + STATUS_RESERVE {
+            debug!("{peer}: refused: {open} connections open");
+            refuse(stream, &Reply::err(TOO_MANY));
+            return None;
+        }
+        Some(Conn {
+            stream,
+            peer,
+            id: ConnId(self.next_id.fetch_add(1, Ordering::Relaxed)),
+            server: Arc::clone(self),
+            limited,
+            _open: guard,
+        })
+    }
+
+    /// Out of descriptors: free the spare one, accept the waiting client, tell it, close it, and
+    /// take the spare back. The pause keeps a flood from turning this into a busy loop.
+    fn refuse_without_fds(&self, listener: &TcpListener) {
+        let mut reserve = self
+            .reserve_fd
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if reserve.take().is_some()
+            && let Ok((stream, _)) = listener.accept()
+        {
+            refuse(stream, &Reply::err("server out of file descriptors"));
+        }
+        *reserve = listener.try_clone().ok();
+        drop(reserve);
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+const TOO_MANY: &str = "too many connections";
+const TOO_MANY_FROM_PEER: &str = "too many connections from your address";
+
+/// Tells a client it cannot be served and closes, without ever blocking the acceptor: a fresh
+/// socket's send buffer is empty, so the line fits.
+fn refuse(mut stream: TcpStream, reply: &Reply) {
+    let _ = stream.set_nonblocking(true);
+    let _ = stream.write_all(&reply.to_line());
+    let _ = stream.shutdown(Shutdown::Write);
+}

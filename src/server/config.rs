@@ -1,0 +1,32 @@
+//! What the operator can tune: one field per `tcpnetlock server` flag, with the defaults the
+//! README documents.
+
+use std::time::Duration;
+
+use super::listen::Keepalive;
+
+/// Everything the operator can tune; each field is a `tcpnetlock server` flag.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub max_connections: usize,
+    /// Open connections allowed at once from one address; `None`: no limit of its own.
+    pub max_connections_per_peer: Option<usize>,
+    pub max_line: usize,
+    pub max_name_len: usize,
+    pub request_timeout: Duration,
+    pub keepalive: Option<Keepalive>,
+    /// Whether `keepalive` came from flags. If not, sockets passed by systemd with their own
+    /// keepalive settings (`KeepAlive=yes` in the socket unit) keep them.
+    pub keepalive_from_flags: bool,
+    pub allow_shutdown: bool,
+    /// Where the fencing-token reservation is kept across restarts (see [`super::tokens`]).
+    pub state_dir: Option<std::path::PathBuf>,
+}
+
+/// TCP keepalive unless flags or the systemd socket unit say otherwise: a vanished peer is
+/// dropped after 20 + 4 × 5 = 40 s.
+pub const DEFAULT_KEEPALIVE: Keepalive = Keepalive {
+    time: Duration::from_secs(20),
+    interval: Duration::from_secs(5),
+    probes: 4,
+};
