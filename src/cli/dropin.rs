@@ -18,15 +18,17 @@ use std::net::ToSocketAddrs;
 use std::time::Duration;
 
 use clap::Parser;
+use log::LevelFilter;
 
 use super::lock::{End, hold, watch_signals};
 use super::output::{err_line, printable};
 use super::run::RunArgs;
 use super::{
-    Cli, EXIT_CLIENT_CONNECT_FAILED, EXIT_CLIENT_REFUSED, EXIT_CLIENT_UNKNOWN, EXIT_LOST,
-    EXIT_NOT_GRANTED, EXIT_SERVER_FAILED, EXIT_USAGE, Fail, ServerAddr, dispatch,
-    parse_bounded_secs,
+    EXIT_CLIENT_CONNECT_FAILED, EXIT_CLIENT_REFUSED, EXIT_CLIENT_UNKNOWN, EXIT_LOST,
+    EXIT_NOT_GRANTED, EXIT_SERVER_FAILED, EXIT_USAGE, Fail, ServerAddr, parse_bounded_secs,
 };
+use crate::log::Target;
+use crate::server::Config;
 use tcpnetlock::client;
 
 #[derive(Debug, Parser)]
@@ -60,27 +62,29 @@ pub fn server(argv: Vec<OsString>) -> Result<u8, Fail> {
     if let Err(e) = std::net::TcpListener::bind(addr) {
         return Err(Fail::plain(EXIT_USAGE, &python_error(&e)));
     }
-    let mut server = vec![
-        "tcpnetlock".to_owned(),
-        "server".into(),
-        "--listen".into(),
-        addr.to_string(),
-        "--log".into(),
-        "stderr".into(),
-    ];
-    if args.debug {
-        server.push("-v".into());
-    } else if !args.info {
-        server.push("-q".into());
-    }
-    let cli = Cli::try_parse_from(server).map_err(|e| Fail::new(EXIT_USAGE, &e.to_string()))?;
-    dispatch(cli).map_err(|fail| match fail.code {
-        EXIT_USAGE => fail,
-        _ => Fail {
-            code: EXIT_SERVER_FAILED,
-            ..fail
-        },
-    })
+    let level = if args.debug {
+        LevelFilter::Debug
+    } else if args.info {
+        LevelFilter::Info
+    } else {
+        LevelFilter::Warn
+    };
+    let settings = super::server::Settings {
+        config: Config::default(),
+        listen: vec![addr.to_string()],
+        port: addr.port(),
+        log: Target::Stderr,
+        level,
+    };
+    super::server::run(settings)
+        .map(|()| 0)
+        .map_err(|fail| match fail.code {
+            EXIT_USAGE => fail,
+            _ => Fail {
+                code: EXIT_SERVER_FAILED,
+                ..fail
+            },
+        })
 }
 
 #[derive(Debug, Parser)]

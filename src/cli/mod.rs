@@ -293,7 +293,7 @@ pub fn main() -> ExitCode {
 
 fn dispatch(cli: Cli) -> Result<u8, Fail> {
     match cli.command {
-        Command::Server(args) => server::run(args).map(|()| 0),
+        Command::Server(args) => server::run(args.settings()).map(|()| 0),
         Command::Do(args) => run::run(args),
         Command::Lock(args) => lock::run(args),
         Command::Ping(args) => status::ping(args),

@@ -26,7 +26,7 @@ pub struct ServerArgs {
 
     /// Open connections allowed at once (1 to 1000000); past it, new clients get
     /// `err,too many connections`.
-    #[arg(long, value_name = "N", default_value_t = 10_000,
+    #[arg(long, value_name = "N", default_value_t = Config::default().max_connections,
           value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_CONNECTIONS))]
     max_connections: usize,
 
@@ -38,12 +38,12 @@ pub struct ServerArgs {
 
     /// Longest request line in bytes (16 to 1048576), without its line ending; longer gets
     /// `bad-request`.
-    #[arg(long, value_name = "BYTES", default_value_t = 1024,
+    #[arg(long, value_name = "BYTES", default_value_t = Config::default().max_line,
           value_parser = RangedU64ValueParser::<usize>::new().range(16..=MAX_LINE))]
     max_line_length: usize,
 
     /// Longest lock name (1 to 1048576).
-    #[arg(long, value_name = "N", default_value_t = tcpnetlock::protocol::DEFAULT_MAX_NAME_LEN,
+    #[arg(long, value_name = "N", default_value_t = Config::default().max_name_len,
           value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_LINE))]
     max_name_length: usize,
 
@@ -193,8 +193,37 @@ fn secs_between(
     }
 }
 
-pub fn run(args: ServerArgs) -> Result<(), Fail> {
-    let config = args.config();
+/// A server to run: what `tcpnetlock server` and the `tcpnetlock_server` drop-in decide from
+/// their flags.
+pub struct Settings {
+    pub config: Config,
+    /// `--listen` values, each with or without a port; `port` fills in a missing one.
+    pub listen: Vec<String>,
+    pub port: u16,
+    pub log: Target,
+    pub level: LevelFilter,
+}
+
+impl ServerArgs {
+    pub fn settings(&self) -> Settings {
+        Settings {
+            config: self.config(),
+            listen: self.listen.clone(),
+            port: self.port,
+            log: self.log.clone(),
+            level: self.level(),
+        }
+    }
+}
+
+pub fn run(settings: Settings) -> Result<(), Fail> {
+    let Settings {
+        config,
+        listen,
+        port,
+        log,
+        level,
+    } = settings;
     // Before any thread starts, so that every thread inherits the mask.
     notify::block_signals().map_err(|e| {
         Fail::new(
@@ -202,10 +231,10 @@ pub fn run(args: ServerArgs) -> Result<(), Fail> {
             &format!("cannot block the signals that stop the server: {e}"),
         )
     })?;
-    crate::log::init(args.log.clone(), args.level()).map_err(|e| Fail::new(EXIT_USAGE, &e))?;
+    crate::log::init(log, level).map_err(|e| Fail::new(EXIT_USAGE, &e))?;
     server::fdlimit::raise_fd_limit();
 
-    let (listeners, passed) = listeners(&args)?;
+    let (listeners, passed) = listeners(&listen, port)?;
     let addrs: Vec<String> = listeners
         .iter()
         .map(|l| l.local_addr().map_or("?".into(), |a| a.to_string()))
@@ -234,14 +263,14 @@ pub fn run(args: ServerArgs) -> Result<(), Fail> {
 }
 
 /// The sockets to serve, and whether systemd passed them.
-fn listeners(args: &ServerArgs) -> Result<(Vec<TcpListener>, bool), Fail> {
+fn listeners(listen: &[String], port: u16) -> Result<(Vec<TcpListener>, bool), Fail> {
     let passed = listen::from_systemd().map_err(|e| Fail::new(EXIT_USAGE, &e))?;
     if !passed.is_empty() {
         return Ok((passed, true));
     }
     let mut bound = Vec::new();
-    for text in &args.listen {
-        let spec = listen::resolve(text, args.port).map_err(|e| Fail::new(EXIT_USAGE, &e))?;
+    for text in listen {
+        let spec = listen::resolve(text, port).map_err(|e| Fail::new(EXIT_USAGE, &e))?;
         let literal = spec.addrs.len() == 1;
         let mut any = false;
         for addr in &spec.addrs {
@@ -276,4 +305,23 @@ fn bind_failure(addr: &std::net::SocketAddr, e: &std::io::Error) -> Fail {
         _ => "",
     };
     Fail::new(EXIT_USAGE, &format!("cannot bind {addr}: {e}{hint}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: ServerArgs,
+    }
+
+    /// The flags' defaults are the server's (the drop-in server uses `Config::default()`).
+    #[test]
+    fn flag_defaults_are_the_config_defaults() {
+        let args = Command::try_parse_from(["server"]).unwrap().args;
+        assert_eq!(args.config(), Config::default());
+    }
 }

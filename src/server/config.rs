@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::listen::Keepalive;
 
 /// Everything the operator can tune; each field is a `tcpnetlock server` flag.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub max_connections: usize,
     /// Open connections allowed at once from one address; `None`: no limit of its own.
@@ -30,3 +30,20 @@ pub const DEFAULT_KEEPALIVE: Keepalive = Keepalive {
     interval: Duration::from_secs(5),
     probes: 4,
 };
+
+/// The defaults of the flags (the flags' own defaults are these: see the test in cli/server.rs).
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            max_connections: 10_000,
+            max_connections_per_peer: None,
+            max_line: 1024,
+            max_name_len: tcpnetlock::protocol::DEFAULT_MAX_NAME_LEN,
+            request_timeout: Duration::from_secs(10),
+            keepalive: Some(DEFAULT_KEEPALIVE),
+            keepalive_from_flags: false,
+            allow_shutdown: false,
+            state_dir: None,
+        }
+    }
+}
