@@ -86,18 +86,6 @@ pub struct LockRequest<'a> {
 }
 
 impl<'a> LockRequest<'a> {
-    /// A plain v1 lock request.
-    pub fn plain(name: &'a str) -> LockRequest<'a> {
-        LockRequest {
-            name,
-            client_id: None,
-            wait: None,
-            fencing: false,
-            max: 1,
-            ttl: None,
-        }
-    }
-
     fn parse(line: &Line<'a>, max_name_len: usize) -> Result<LockRequest<'a>, Reply> {
         const KNOWN: [&str; 6] = ["name", "client-id", "wait", "fencing", "max", "ttl"];
         // A typo such as `wiat:30` must not silently become a try-lock.
@@ -218,14 +206,15 @@ impl<'a> Request<'a> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum HeldRequest {
     Release,
-    Keepalive,
+    /// `.keepalive`: renews a lease (any request does), answered `alive`.
+    Renew,
 }
 
 impl HeldRequest {
     pub fn parse(bytes: &[u8]) -> Result<HeldRequest, Reply> {
         match Line::split(bytes)?.action {
             "release" => Ok(HeldRequest::Release),
-            ".keepalive" => Ok(HeldRequest::Keepalive),
+            ".keepalive" => Ok(HeldRequest::Renew),
             _ => Err(Reply::BadAction),
         }
     }
@@ -315,6 +304,20 @@ impl Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl<'a> LockRequest<'a> {
+        /// A plain v1 lock request.
+        fn plain(name: &'a str) -> LockRequest<'a> {
+            LockRequest {
+                name,
+                client_id: None,
+                wait: None,
+                fencing: false,
+                max: 1,
+                ttl: None,
+            }
+        }
+    }
 
     fn parse(line: &str) -> Result<Request<'_>, Reply> {
         Request::parse(line.as_bytes(), DEFAULT_MAX_NAME_LEN)
@@ -548,10 +551,7 @@ mod tests {
             HeldRequest::parse(b" release ,x:y\r"),
             Ok(HeldRequest::Release)
         );
-        assert_eq!(
-            HeldRequest::parse(b".keepalive"),
-            Ok(HeldRequest::Keepalive)
-        );
+        assert_eq!(HeldRequest::parse(b".keepalive"), Ok(HeldRequest::Renew));
         assert_eq!(HeldRequest::parse(b""), Err(Reply::BadAction));
         assert_eq!(HeldRequest::parse(b"lock,name:a"), Err(Reply::BadAction));
         assert_eq!(HeldRequest::parse(b"\xc3"), Err(Reply::BadRequest));

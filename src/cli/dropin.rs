@@ -20,9 +20,9 @@ use std::time::Duration;
 use clap::Parser;
 use log::LevelFilter;
 
+use super::r#do::DoArgs;
 use super::lock::{End, hold, watch_signals};
 use super::output::{err_line, printable};
-use super::run::RunArgs;
 use super::{
     EXIT_CLIENT_CONNECT_FAILED, EXIT_CLIENT_REFUSED, EXIT_CLIENT_UNKNOWN, EXIT_LOST,
     EXIT_NOT_GRANTED, EXIT_SERVER_FAILED, EXIT_USAGE, Fail, ServerAddr, parse_bounded_secs,
@@ -182,13 +182,13 @@ fn python_error(e: &std::io::Error) -> String {
     args_override_self = true,
     about = "Run a command while holding a lock (tcpnetlock do under 0.1.8's name)"
 )]
-struct DoArgs {
+struct DropinDoArgs {
     #[command(flatten)]
-    args: RunArgs,
+    args: DoArgs,
 }
 
 pub fn run(argv: Vec<OsString>) -> Result<u8, Fail> {
-    super::run::run(DoArgs::parse_from(argv).args)
+    super::r#do::run(DropinDoArgs::parse_from(argv).args)
 }
 
 #[cfg(test)]
@@ -200,7 +200,7 @@ mod tests {
         use clap::CommandFactory;
         ServerArgs::command().debug_assert();
         ClientArgs::command().debug_assert();
-        DoArgs::command().debug_assert();
+        DropinDoArgs::command().debug_assert();
     }
 
     #[test]
@@ -211,8 +211,9 @@ mod tests {
 
     #[test]
     fn prefixes_work_as_in_argparse() {
-        let a = DoArgs::try_parse_from(["tcpnetlock_do", "--lock", "x", "--keep-alive", "true"])
-            .unwrap();
+        let a =
+            DropinDoArgs::try_parse_from(["tcpnetlock_do", "--lock", "x", "--keep-alive", "true"])
+                .unwrap();
         assert!(format!("{a:?}").contains("lock_name: Some(\"x\")"));
         assert!(format!("{a:?}").contains("keep_alive: true"));
     }

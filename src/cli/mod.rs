@@ -6,11 +6,11 @@
 
 #[cfg(feature = "assets")]
 pub mod assets;
+pub mod r#do;
 pub mod dropin;
 pub mod lock;
 mod output;
 mod process;
-pub mod run;
 pub mod server;
 mod signals;
 pub mod status;
@@ -83,7 +83,7 @@ enum Command {
     /// Run the lock server.
     Server(server::ServerArgs),
     /// Run a command while holding a lock (0.1.8's tcpnetlock_do).
-    Do(run::RunArgs),
+    Do(r#do::DoArgs),
     /// Take a lock and hold it until stdin ends or a signal comes (for `coproc`).
     Lock(lock::LockArgs),
     /// Check that the server answers.
@@ -294,7 +294,7 @@ pub fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> Result<u8, Fail> {
     match cli.command {
         Command::Server(args) => server::run(args.settings()).map(|()| 0),
-        Command::Do(args) => run::run(args),
+        Command::Do(args) => r#do::run(args),
         Command::Lock(args) => lock::run(args),
         Command::Ping(args) => status::ping(args),
         Command::Stats(args) => status::stats(args),

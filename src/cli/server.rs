@@ -9,7 +9,7 @@ use log::{LevelFilter, info, warn};
 
 use crate::log::Target;
 use crate::server::listen::{self, Keepalive};
-use crate::server::{self, Config, Server, notify};
+use crate::server::{self, Config, Server, lifecycle};
 
 use super::{EXIT_FAILURE, EXIT_USAGE, Fail, parse_secs};
 
@@ -225,7 +225,7 @@ pub fn run(settings: Settings) -> Result<(), Fail> {
         level,
     } = settings;
     // Before any thread starts, so that every thread inherits the mask.
-    notify::block_signals().map_err(|e| {
+    lifecycle::block_signals().map_err(|e| {
         Fail::new(
             EXIT_FAILURE,
             &format!("cannot block the signals that stop the server: {e}"),
@@ -259,7 +259,7 @@ pub fn run(settings: Settings) -> Result<(), Fail> {
             info!("listening on {addr}");
         }
     }
-    notify::run(server)
+    lifecycle::run(server)
 }
 
 /// The sockets to serve, and whether systemd passed them.
@@ -270,10 +270,10 @@ fn listeners(listen: &[String], port: u16) -> Result<(Vec<TcpListener>, bool), F
     }
     let mut bound = Vec::new();
     for text in listen {
-        let spec = listen::resolve(text, port).map_err(|e| Fail::new(EXIT_USAGE, &e))?;
-        let literal = spec.addrs.len() == 1;
+        let addrs = listen::resolve(text, port).map_err(|e| Fail::new(EXIT_USAGE, &e))?;
+        let literal = addrs.len() == 1;
         let mut any = false;
-        for addr in &spec.addrs {
+        for addr in &addrs {
             match listen::bind(*addr, 4096) {
                 Ok(l) => {
                     bound.push(l);

@@ -132,7 +132,7 @@ impl<'a> Session<'a> {
         let link = Arc::new(Link::new(stream, req.name, req.fencing));
         let decision = server.locks.lock(
             req.name,
-            table::LockRequest {
+            table::Claim {
                 conn: id,
                 client_id: req.client_id.map(Into::into),
                 peer: Some(peer),
@@ -211,7 +211,7 @@ impl<'a> Session<'a> {
                     }
                     return;
                 }
-                Ok(HeldRequest::Keepalive) => Reply::Alive,
+                Ok(HeldRequest::Renew) => Reply::Alive,
                 Err(reply) => reply,
             };
             if self.link.reply(&reply).is_err() {

@@ -9,33 +9,21 @@ use std::time::Duration;
 
 use socket2::{Domain, Socket, TcpKeepalive, Type};
 
-/// One `--listen` value, resolved to the addresses to bind.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenSpec {
-    pub text: String,
-    pub addrs: Vec<SocketAddr>,
-}
-
-/// Parses `HOST`, `HOST:PORT`, `IP`, `IP:PORT`, `[IPv6]` or `[IPv6]:PORT`; `default_port` fills in
-/// a missing port. A host name is resolved here and binds every address it resolves to.
-pub fn resolve(text: &str, default_port: u16) -> Result<ListenSpec, String> {
-    let spec = |addrs| {
-        Ok(ListenSpec {
-            text: text.to_owned(),
-            addrs,
-        })
-    };
+/// The addresses one `--listen` value means: `HOST`, `HOST:PORT`, `IP`, `IP:PORT`, `[IPv6]` or
+/// `[IPv6]:PORT`; `default_port` fills in a missing port. A host name is resolved here and binds
+/// every address it resolves to.
+pub fn resolve(text: &str, default_port: u16) -> Result<Vec<SocketAddr>, String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
-        return spec(vec![addr]);
+        return Ok(vec![addr]);
     }
     if let Ok(ip) = text.parse::<IpAddr>() {
-        return spec(vec![SocketAddr::new(ip, default_port)]);
+        return Ok(vec![SocketAddr::new(ip, default_port)]);
     }
     if let Some(ip) = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
         let ip: IpAddr = ip
             .parse()
             .map_err(|_| format!("invalid IPv6 address in --listen {text}"))?;
-        return spec(vec![SocketAddr::new(ip, default_port)]);
+        return Ok(vec![SocketAddr::new(ip, default_port)]);
     }
     let (host, port) = match text.rsplit_once(':') {
         Some((host, port)) => {
@@ -60,7 +48,7 @@ pub fn resolve(text: &str, default_port: u16) -> Result<ListenSpec, String> {
     if addrs.is_empty() {
         return Err(format!("cannot resolve --listen {text}: no addresses"));
     }
-    spec(addrs)
+    Ok(addrs)
 }
 
 /// Binds one address the way a server should: SO_REUSEADDR so a restart does not wait out
@@ -165,7 +153,6 @@ mod tests {
     fn addrs(text: &str) -> Vec<String> {
         resolve(text, 7654)
             .unwrap()
-            .addrs
             .iter()
             .map(|a| a.to_string())
             .collect()

@@ -15,14 +15,14 @@ use std::io;
 use std::sync::Arc;
 
 use super::link::Link;
-use crate::table::{ConnId, Counters, Decision, LockInfo, LockRequest, State};
+use crate::table::{Claim, ConnId, Counters, Decision, LockInfo, State};
 
 pub trait Locks: Send + Sync {
     /// Grants, queues or refuses `req` for `name`. When it returns, a grant's line has been
     /// written through `req.handle` (or the client was found gone and the lock passed on); a
     /// queued request is told later, through the same handle: its grant, or `not-granted` when
     /// its wait runs out.
-    fn lock(&self, name: &str, req: LockRequest<Arc<Link>>) -> Decision;
+    fn lock(&self, name: &str, req: Claim<Arc<Link>>) -> Decision;
 
     /// The connection sent a request: a holder's lease starts over. Returns where it stands.
     fn renew(&self, name: &str, conn: ConnId) -> State;

@@ -22,7 +22,7 @@ use log::debug;
 use super::link::Link;
 use super::locks::{Counts, Locks};
 use super::tokens::Tokens;
-use crate::table::{self, ConnId, Decision, Event, LockInfo, LockRequest, State, Table};
+use crate::table::{self, Claim, ConnId, Decision, Event, LockInfo, State, Table};
 use tcpnetlock::protocol::Reply;
 
 pub struct MemoryLocks {
@@ -170,7 +170,7 @@ impl MemoryLocks {
 }
 
 impl Locks for MemoryLocks {
-    fn lock(&self, name: &str, req: LockRequest<Arc<Link>>) -> Decision {
+    fn lock(&self, name: &str, req: Claim<Arc<Link>>) -> Decision {
         let handle = Arc::clone(&req.handle);
         let conn = req.conn;
         let mut inner = self.inner();

@@ -3,7 +3,7 @@
 //! Threads come from the worker [`pool`]. For each listening socket one worker accepts; when it
 //! has a client, it hands accepting over to another worker and serves the whole life of that
 //! connection itself ([`conn`]), refusing clients with an `err,` line when a limit is reached.
-//! A timer thread expires leases and waits; the main thread reports to systemd ([`notify`]).
+//! A timer thread expires leases and waits; the main thread reports to systemd ([`lifecycle`]).
 //! The only state shared between connections is the lock table, behind one Mutex that is never
 //! held across socket I/O.
 
@@ -12,11 +12,11 @@ pub mod config;
 pub mod conn;
 pub mod fdlimit;
 mod framing;
+pub mod lifecycle;
 pub mod link;
 pub mod listen;
 pub mod locks;
 pub mod memory;
-pub mod notify;
 pub mod pool;
 mod report;
 pub mod tokens;
@@ -119,7 +119,7 @@ impl Server {
 
     /// `.server-shutdown`, when enabled: the process ends, and every lock with it.
     pub fn exit(&self) -> ! {
-        notify::stopping();
+        lifecycle::stopping();
         info!("exiting on request");
         log::logger().flush();
         std::process::exit(0)

@@ -27,9 +27,10 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub u64);
 
-/// A validated `lock` request.
+/// A connection's claim on a name: a validated `lock` request, with who asks and how to reach
+/// them.
 #[derive(Debug, Clone)]
-pub struct LockRequest<H> {
+pub struct Claim<H> {
     pub conn: ConnId,
     pub client_id: Option<Arc<str>>,
     pub peer: Option<SocketAddr>,
@@ -212,7 +213,7 @@ impl<H: Clone> Table<H> {
     }
 
     /// Grant, queue or refuse `req` for `name`.
-    pub fn lock(&mut self, name: &str, req: LockRequest<H>, now: Instant) -> Decision {
+    pub fn lock(&mut self, name: &str, req: Claim<H>, now: Instant) -> Decision {
         let max = req.max.max(1);
         if let Some(e) = self.names.get(name)
             && e.max != max

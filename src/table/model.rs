@@ -12,7 +12,7 @@
 //!
 //! Not part of the crate's API: hidden from the docs, and free to change.
 
-use super::{ConnId, Counters, Decision, Event, LockRequest, State, Table};
+use super::{Claim, ConnId, Counters, Decision, Event, State, Table};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
@@ -307,7 +307,7 @@ impl Check {
                 let name = name % names;
                 let conn = ConnId(self.conns.len() as u64 + 1);
                 self.conns.push((conn, name));
-                let req = LockRequest {
+                let req = Claim {
                     conn,
                     client_id: None,
                     peer: None,

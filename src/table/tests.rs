@@ -11,8 +11,8 @@ fn secs(s: f64) -> Duration {
 }
 
 /// A request from connection `conn`; the handle is the connection number.
-fn req(conn: u64) -> LockRequest<u64> {
-    LockRequest {
+fn req(conn: u64) -> Claim<u64> {
+    Claim {
         conn: ConnId(conn),
         client_id: None,
         peer: None,
@@ -29,7 +29,7 @@ trait With {
     fn ttl(self, s: f64) -> Self;
 }
 
-impl With for LockRequest<u64> {
+impl With for Claim<u64> {
     fn wait(mut self, s: f64) -> Self {
         self.wait = Some(secs(s));
         self

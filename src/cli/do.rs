@@ -40,7 +40,7 @@ The command's environment has TCPNETLOCK_LOCK_NAME, and TCPNETLOCK_TOKEN with --
 /// An option given twice takes its last value, as 0.1.8's argparse did (wrappers append flags).
 #[derive(Debug, Args)]
 #[command(after_help = EXIT_CODES, args_override_self = true)]
-pub struct RunArgs {
+pub struct DoArgs {
     /// Name of the lock [default: made from the command, as 0.1.8 did: spaces, '.' and '/'
     /// become '_', other characters outside [A-Za-z0-9_-] are dropped].
     #[arg(long, value_name = "NAME")]
@@ -131,7 +131,7 @@ pub enum OnLost {
     Ignore,
 }
 
-impl RunArgs {
+impl DoArgs {
     fn verbose(&self) -> bool {
         self.verbose || self.info || self.debug
     }
@@ -201,7 +201,7 @@ impl RunArgs {
     }
 }
 
-pub fn run(args: RunArgs) -> Result<u8, Fail> {
+pub fn run(args: DoArgs) -> Result<u8, Fail> {
     if args.shell && args.command.len() != 1 {
         return Err(Fail::new(
             EXIT_USAGE,
@@ -240,7 +240,7 @@ pub fn run(args: RunArgs) -> Result<u8, Fail> {
 }
 
 /// Asks for the lock, again after a refusal if --retry says so.
-fn acquire(client: &Client, name: &str, args: &RunArgs) -> Result<Lock, Fail> {
+fn acquire(client: &Client, name: &str, args: &DoArgs) -> Result<Lock, Fail> {
     let mut retries = args.retry;
     loop {
         let error = match client.lock(name) {
@@ -298,7 +298,7 @@ fn supervise(
     group: &mut Group,
     lock: &Lock,
     signals: &SignalFd,
-    args: &RunArgs,
+    args: &DoArgs,
     name: &str,
 ) -> std::io::Result<Outcome> {
     let mut run = Run {
@@ -332,7 +332,7 @@ fn supervise(
 struct Run<'a> {
     group: &'a mut Group,
     lock: &'a Lock,
-    args: &'a RunArgs,
+    args: &'a DoArgs,
     name: &'a str,
     lost: bool,
     /// The command was told to end because the lock was lost.
@@ -426,7 +426,7 @@ impl Run<'_> {
 }
 
 /// Releases the lock once the command has ended by itself; returns `do`'s status.
-fn release(lock: Lock, name: &str, args: &RunArgs, code: u8) -> Result<u8, Fail> {
+fn release(lock: Lock, name: &str, args: &DoArgs, code: u8) -> Result<u8, Fail> {
     match lock.release() {
         Ok(()) => {
             if args.verbose() {
