@@ -1,11 +1,10 @@
 //! Everything that touches sockets and threads.
 //!
-//! Threads come from the worker [`pool`]. For each listening socket one worker accepts; when it
-//! has a client, it hands accepting over to another worker and serves the whole life of that
-//! connection itself ([`conn`]), refusing clients with an `err,` line when a limit is reached.
-//! A timer thread expires leases and waits; the main thread reports to systemd ([`lifecycle`]).
-//! The only state shared between connections is the lock table, behind one Mutex that is never
-//! held across socket I/O.
+//! Bytes flow one way: [`accept`] admits a client, [`framing`] cuts its bytes into lines, the
+//! protocol parses them, [`conn`] (the session) asks the lock state ([`locks`], kept in memory by
+//! [`memory`]) and answers. What a change means for other connections, the lock state tells them
+//! through their [`link`]s. Threads come from the worker [`pool`]; the main thread is systemd's
+//! and the signals' ([`lifecycle`]). Nothing is written to a socket while lock state is locked.
 
 mod accept;
 pub mod config;
