@@ -83,11 +83,21 @@ pub struct LockRequest<'a> {
     pub max: u32,
     /// `ttl:S` — revoke the lock after S without a request from the holder.
     pub ttl: Option<Duration>,
+    /// `shared:1` — hold in shared mode: beside other shared holders, never an exclusive one.
+    pub shared: bool,
 }
 
 impl<'a> LockRequest<'a> {
     fn parse(line: &Line<'a>, max_name_len: usize) -> Result<LockRequest<'a>, Reply> {
-        const KNOWN: [&str; 6] = ["name", "client-id", "wait", "fencing", "max", "ttl"];
+        const KNOWN: [&str; 7] = [
+            "name",
+            "client-id",
+            "wait",
+            "fencing",
+            "max",
+            "ttl",
+            "shared",
+        ];
         // A typo such as `wiat:30` must not silently become a try-lock.
         if let Some((key, _)) = line.params.iter().find(|(k, _)| !KNOWN.contains(k)) {
             let msg = format!("unknown parameter {}", printable(key));
@@ -126,6 +136,17 @@ impl<'a> LockRequest<'a> {
                 .filter(|k| (1..=MAX_HOLDERS).contains(k) && v.bytes().all(|b| b.is_ascii_digit()))
                 .ok_or(Reply::err("invalid max: expected 1 to 65535"))?,
         };
+        let shared = match line.param("shared") {
+            None | Some("0") => false,
+            Some("1") => true,
+            Some(_) => return Err(Reply::err("invalid shared: expected 0 or 1")),
+        };
+        if shared && max != 1 {
+            // A shared lock has any number of holders; a semaphore's K would have no meaning.
+            return Err(Reply::err(
+                "shared:1 cannot be combined with max (a shared lock has any number of holders)",
+            ));
+        }
         Ok(LockRequest {
             name,
             client_id,
@@ -133,6 +154,7 @@ impl<'a> LockRequest<'a> {
             fencing,
             max,
             ttl,
+            shared,
         })
     }
 }
@@ -315,6 +337,7 @@ mod tests {
                 fencing: false,
                 max: 1,
                 ttl: None,
+                shared: false,
             }
         }
     }

@@ -1,8 +1,9 @@
 //! Random operation sequences on the lock table, checked against the plain model in
 //! src/table/model.rs (the same harness the unit test `random_operations_match_the_model` uses).
 //!
-//! Three names, connections that lock once each (with `max` 1 to 3 or 65535, waits and ttls from
-//! a nanosecond to a week), leaves and requests from holders, waiters, connections already gone
+//! Three names, connections that lock once each (exclusive or shared, with `max` 1 to 3 or 65535,
+//! waits and ttls from a nanosecond to a week), leaves and requests from holders, waiters,
+//! connections already gone
 //! and stray calls for the wrong name, and a clock that only moves forward (by zero too), the
 //! timer running at once or late (requests handled past a deadline first). After every step the
 //! harness checks: decisions and events equal the model's (tokens by order), every token above
@@ -45,6 +46,9 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                 max: *u.choose(&[1, 1, 2, 3, 65_535])?,
                 wait: wait(u)?,
                 ttl: ttl(u)?,
+                // Shared with any max: the protocol allows it with max 1 only, but the table's
+                // rules are defined (and checked against the model) for every combination.
+                shared: u.ratio(1, 3)?,
             },
             kind @ (3 | 4) => {
                 let conn = conn(u, &check)?;

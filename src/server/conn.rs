@@ -21,7 +21,7 @@ use log::{debug, info, warn};
 use super::Server;
 use super::framing::{ReadError, Requests};
 use super::link::Link;
-use crate::table::{self, ConnId, Decision, State};
+use crate::table::{self, ConnId, Decision, Left, State};
 use tcpnetlock::protocol::{HeldRequest, LockRequest, Reply, Request};
 
 /// How often a half-closed holder is probed. The lock is freed within about twice this after the
@@ -139,6 +139,7 @@ impl<'a> Session<'a> {
                 max: req.max,
                 wait: req.wait,
                 ttl: req.ttl,
+                shared: req.shared,
                 handle: Arc::clone(&link),
             },
         );
@@ -222,9 +223,20 @@ impl<'a> Session<'a> {
 
     /// Leaves the table and hands the place on. Idempotent: the table ignores a second call.
     fn leave(&self) {
-        let was = self.server.locks.leave(&self.link.name, self.id);
-        if was != State::Absent {
-            debug!("{}: lock {}: left ({was:?})", self.peer, self.link.name);
+        match self.server.locks.leave(&self.link.name, self.id) {
+            Left::Held(d) => debug!(
+                "{}: lock {}: released after holding {:.3}s",
+                self.peer,
+                self.link.name,
+                d.as_secs_f64()
+            ),
+            Left::Waited(d) => debug!(
+                "{}: lock {}: left the queue after {:.3}s",
+                self.peer,
+                self.link.name,
+                d.as_secs_f64()
+            ),
+            Left::Absent => {}
         }
     }
 

@@ -15,7 +15,7 @@ use std::io;
 use std::sync::Arc;
 
 use super::link::Link;
-use crate::table::{Claim, ConnId, Counters, Decision, LockInfo, State};
+use crate::table::{Claim, ConnId, Counters, Decision, Left, LockInfo, State};
 
 pub trait Locks: Send + Sync {
     /// Grants, queues or refuses `req` for `name`. When it returns, a grant's line has been
@@ -31,8 +31,8 @@ pub trait Locks: Send + Sync {
     fn state(&self, name: &str, conn: ConnId) -> State;
 
     /// The connection releases, cancels its wait, or is gone; its place passes on. Returns where
-    /// it stood. Safe to call twice, or after the connection was expired.
-    fn leave(&self, name: &str, conn: ConnId) -> State;
+    /// it stood and for how long. Safe to call twice, or after the connection was expired.
+    fn leave(&self, name: &str, conn: ConnId) -> Left;
 
     /// Every held name, sorted, with its holders (longest held first).
     fn snapshot(&self) -> Vec<LockInfo>;

@@ -15,14 +15,14 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::debug;
 
 use super::link::Link;
 use super::locks::{Counts, Locks};
 use super::tokens::Tokens;
-use crate::table::{self, Claim, ConnId, Decision, Event, LockInfo, State, Table};
+use crate::table::{self, Claim, ConnId, Decision, Event, Left, LockInfo, State, Table};
 use tcpnetlock::protocol::Reply;
 
 pub struct MemoryLocks {
@@ -110,6 +110,7 @@ impl MemoryLocks {
                     conn,
                     token,
                     handle,
+                    ..
                 } => {
                     // The reservation is stored before the token leaves the server.
                     self.tokens.cover(token);
@@ -179,6 +180,7 @@ impl Locks for MemoryLocks {
             Decision::Granted { token } => vec![Event::Granted {
                 conn,
                 token,
+                waited: Duration::ZERO,
                 handle,
             }],
             _ => Vec::new(),
@@ -198,7 +200,7 @@ impl Locks for MemoryLocks {
         self.inner().table.state(name, conn)
     }
 
-    fn leave(&self, name: &str, conn: ConnId) -> State {
+    fn leave(&self, name: &str, conn: ConnId) -> Left {
         self.change(|table, now| table.leave(name, conn, now))
     }
 

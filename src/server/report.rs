@@ -57,7 +57,9 @@ impl Server {
             let _ = write!(
                 json,
                 "\"{}\": {{\"max\": {}, \"waiting\": {}, \"holders\": [",
-                lock.name, lock.max, lock.waiting
+                lock.name,
+                lock.max,
+                lock.waiters.len()
             );
             for (j, h) in lock.holders.iter().enumerate() {
                 if j > 0 {

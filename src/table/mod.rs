@@ -7,10 +7,13 @@
 //! ever happens while it is held.
 //!
 //! Rules, all in this file:
-//! - a name has at most `max` holders (1 unless the request says `max:K`); every holder and
-//!   waiter of a name must agree on `max`;
-//! - waiting is strict FIFO per name, and nobody barges: a try-lock is refused while others wait;
-//! - a release, a departure, an expiry or a timeout hands free places to the longest waiters;
+//! - a name has at most `max` exclusive holders (1 unless the request says `max:K`), or any
+//!   number of shared holders (`shared:1`), never both; every holder and waiter of a name must
+//!   agree on `max`;
+//! - waiting is strict FIFO per name, and nobody barges: a try-lock is refused while others wait,
+//!   and a shared request queues behind a waiting exclusive one (no reader starves a writer);
+//! - a release, a departure, an expiry or a timeout hands free places to the longest waiters: the
+//!   first in line, and every shared waiter right behind a granted shared one;
 //! - every grant carries a token, strictly greater than every token before it (see [`Table::new`]);
 //! - a holder with a ttl loses the lock when it has been silent for that long.
 //!
@@ -40,6 +43,8 @@ pub struct Claim<H> {
     pub wait: Option<Duration>,
     /// Lease: the lock is revoked after this long without a request from the holder.
     pub ttl: Option<Duration>,
+    /// Shared mode (`shared:1`): held alongside other shared holders, never with an exclusive one.
+    pub shared: bool,
     pub handle: H,
 }
 
@@ -60,10 +65,19 @@ pub enum Decision {
 /// Something the caller must tell a connection, decided while the table changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event<H> {
-    /// A waiter now holds the lock.
-    Granted { conn: ConnId, token: u64, handle: H },
-    /// A holder's lease ran out; the lock is no longer its.
-    Expired { conn: ConnId, handle: H },
+    /// A waiter now holds the lock, after waiting `waited`.
+    Granted {
+        conn: ConnId,
+        token: u64,
+        waited: Duration,
+        handle: H,
+    },
+    /// A holder's lease ran out after holding for `held`; the lock is no longer its.
+    Expired {
+        conn: ConnId,
+        held: Duration,
+        handle: H,
+    },
     /// A waiter's wait ran out; it was not granted.
     TimedOut { conn: ConnId, handle: H },
 }
@@ -75,6 +89,25 @@ pub enum State {
     Waiting,
     /// Not in the table (never was, or released, expired, timed out).
     Absent,
+}
+
+/// Where a leaving connection stood, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Left {
+    Held(Duration),
+    Waited(Duration),
+    /// Not in the table: the call changed nothing.
+    Absent,
+}
+
+impl Left {
+    pub fn state(self) -> State {
+        match self {
+            Left::Held(_) => State::Holding,
+            Left::Waited(_) => State::Waiting,
+            Left::Absent => State::Absent,
+        }
+    }
 }
 
 /// Totals since the table was created; `.stats` reports them.
@@ -90,6 +123,8 @@ pub struct Counters {
     pub wait_timeouts: u64,
     pub expired: u64,
     pub max_mismatches: u64,
+    /// Grants in shared mode, immediate or after waiting (also counted in `acquired`).
+    pub shared_acquired: u64,
 }
 
 /// A holder, as `.locks` shows it.
@@ -100,6 +135,18 @@ pub struct HolderInfo {
     pub held_for: Duration,
     pub token: u64,
     pub ttl: Option<Duration>,
+    pub shared: bool,
+}
+
+/// A waiter, as `.locks` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaiterInfo {
+    pub client_id: Option<Arc<str>>,
+    pub peer: Option<SocketAddr>,
+    pub waited: Duration,
+    /// Until its wait runs out.
+    pub left: Duration,
+    pub shared: bool,
 }
 
 /// One held name, as `.locks` shows it.
@@ -108,7 +155,8 @@ pub struct LockInfo {
     pub name: Box<str>,
     pub max: u32,
     pub holders: Vec<HolderInfo>,
-    pub waiting: usize,
+    /// In queue order: the first is granted next.
+    pub waiters: Vec<WaiterInfo>,
 }
 
 #[derive(Debug)]
@@ -118,6 +166,7 @@ struct Holder<H> {
     since: Instant,
     token: u64,
     ttl: Option<Duration>,
+    shared: bool,
     handle: H,
 }
 
@@ -126,8 +175,10 @@ struct Waiter<H> {
     conn: ConnId,
     client_id: Option<Arc<str>>,
     peer: Option<SocketAddr>,
+    since: Instant,
     deadline: Instant,
     ttl: Option<Duration>,
+    shared: bool,
     handle: H,
 }
 
@@ -138,6 +189,8 @@ struct Waiter<H> {
 struct Entry<H> {
     max: u32,
     holders: HashMap<ConnId, Holder<H>>,
+    /// How many of `holders` hold in exclusive mode.
+    exclusive: usize,
     /// Waiters by arrival number: the first is the longest waiting.
     queue: BTreeMap<u64, Waiter<H>>,
     /// Each waiter's arrival number, to find it in `queue`.
@@ -149,9 +202,38 @@ impl<H> Entry<H> {
         Entry {
             max,
             holders: HashMap::new(),
+            exclusive: 0,
             queue: BTreeMap::new(),
             arrivals: HashMap::new(),
         }
+    }
+
+    /// Whether a request in this mode could hold now, queue aside: shared beside shared holders
+    /// only, exclusive beside fewer than `max` exclusive holders only.
+    fn has_room(&self, shared: bool) -> bool {
+        if shared {
+            self.exclusive == 0
+        } else {
+            self.exclusive == self.holders.len() && self.holders.len() < self.max as usize
+        }
+    }
+
+    /// Whether the first in line could hold now.
+    fn front_has_room(&self) -> bool {
+        self.queue
+            .first_key_value()
+            .is_some_and(|(_, w)| self.has_room(w.shared))
+    }
+
+    fn insert_holder(&mut self, conn: ConnId, holder: Holder<H>) {
+        self.exclusive += usize::from(!holder.shared);
+        self.holders.insert(conn, holder);
+    }
+
+    fn remove_holder(&mut self, conn: ConnId) -> Option<Holder<H>> {
+        let holder = self.holders.remove(&conn)?;
+        self.exclusive -= usize::from(!holder.shared);
+        Some(holder)
     }
 
     fn is_unused(&self) -> bool {
@@ -225,12 +307,12 @@ impl<H: Clone> Table<H> {
             .names
             .entry(name.into())
             .or_insert_with(|| Entry::new(max));
-        if entry.holders.len() < max as usize && entry.queue.is_empty() {
+        if entry.has_room(req.shared) && entry.queue.is_empty() {
             let token = self.next_token;
             self.next_token += 1;
             self.held += usize::from(entry.holders.is_empty());
             self.holders += 1;
-            entry.holders.insert(
+            entry.insert_holder(
                 req.conn,
                 Holder {
                     client_id: req.client_id,
@@ -238,10 +320,12 @@ impl<H: Clone> Table<H> {
                     since: now,
                     token,
                     ttl: req.ttl,
+                    shared: req.shared,
                     handle: req.handle,
                 },
             );
             self.counters.acquired += 1;
+            self.counters.shared_acquired += u64::from(req.shared);
             if let Some(ttl) = req.ttl {
                 self.set_due(name, req.conn, now + ttl);
             }
@@ -258,8 +342,10 @@ impl<H: Clone> Table<H> {
                         conn: req.conn,
                         client_id: req.client_id,
                         peer: req.peer,
+                        since: now,
                         deadline: now + wait,
                         ttl: req.ttl,
+                        shared: req.shared,
                         handle: req.handle,
                     },
                 );
@@ -297,28 +383,28 @@ impl<H: Clone> Table<H> {
         state
     }
 
-    /// `conn` releases, cancels its wait, or is gone. Returns where it stood and the grants this
-    /// made. Calling it for a connection that is no longer there changes nothing, so a late or
-    /// duplicate call can never free somebody else's lock.
-    pub fn leave(&mut self, name: &str, conn: ConnId, now: Instant) -> (State, Vec<Event<H>>) {
+    /// `conn` releases, cancels its wait, or is gone. Returns where it stood, for how long, and
+    /// the grants this made. Calling it for a connection that is no longer there changes nothing,
+    /// so a late or duplicate call can never free somebody else's lock.
+    pub fn leave(&mut self, name: &str, conn: ConnId, now: Instant) -> (Left, Vec<Event<H>>) {
         let mut events = Vec::new();
         let Some(entry) = self.names.get_mut(name) else {
-            return (State::Absent, events);
+            return (Left::Absent, events);
         };
-        let state = if entry.holders.remove(&conn).is_some() {
+        let left = if let Some(h) = entry.remove_holder(conn) {
             self.holders -= 1;
             self.held -= usize::from(entry.holders.is_empty());
             self.counters.released += 1;
-            State::Holding
-        } else if entry.remove_waiter(conn).is_some() {
+            Left::Held(now.saturating_duration_since(h.since))
+        } else if let Some(w) = entry.remove_waiter(conn) {
             self.waiting -= 1;
-            State::Waiting
+            Left::Waited(now.saturating_duration_since(w.since))
         } else {
-            return (State::Absent, events);
+            return (Left::Absent, events);
         };
         self.clear_due(conn);
         self.promote(name, now, &mut events);
-        (state, events)
+        (left, events)
     }
 
     /// Expires leases and ends waits whose time has come, then grants the places they freed.
@@ -334,12 +420,13 @@ impl<H: Clone> Table<H> {
             let Some(e) = self.names.get_mut(&name) else {
                 continue;
             };
-            if let Some(h) = e.holders.remove(&conn) {
+            if let Some(h) = e.remove_holder(conn) {
                 self.holders -= 1;
                 self.held -= usize::from(e.holders.is_empty());
                 self.counters.expired += 1;
                 events.push(Event::Expired {
                     conn,
+                    held: now.saturating_duration_since(h.since),
                     handle: h.handle,
                 });
             } else if let Some(w) = e.remove_waiter(conn) {
@@ -388,9 +475,9 @@ impl<H: Clone> Table<H> {
         self.counters
     }
 
-    /// Every held name with its holders and queue length, copied as they are. Unsorted: the
-    /// caller sorts with [`sort_snapshot`] after letting go of the table, so that a big
-    /// `.locks` keeps the table's users waiting for a copy, not for a sort.
+    /// Every held name with its holders and waiters, copied as they are. Holders unsorted: the
+    /// caller sorts with [`sort_snapshot`] after letting go of the table, so that a big `.locks`
+    /// keeps the table's users waiting for a copy, not for a sort.
     pub fn snapshot_unsorted(&self, now: Instant) -> Vec<LockInfo> {
         let mut locks = Vec::with_capacity(self.held);
         for (name, e) in &self.names {
@@ -409,9 +496,20 @@ impl<H: Clone> Table<H> {
                         held_for: now.saturating_duration_since(h.since),
                         token: h.token,
                         ttl: h.ttl,
+                        shared: h.shared,
                     })
                     .collect(),
-                waiting: e.queue.len(),
+                waiters: e
+                    .queue
+                    .values()
+                    .map(|w| WaiterInfo {
+                        client_id: w.client_id.clone(),
+                        peer: w.peer,
+                        waited: now.saturating_duration_since(w.since),
+                        left: w.deadline.saturating_duration_since(now),
+                        shared: w.shared,
+                    })
+                    .collect(),
             });
         }
         locks
@@ -425,18 +523,17 @@ impl<H: Clone> Table<H> {
         locks
     }
 
-    /// Fills free places of `name` from the front of its queue; drops the entry once empty.
-    /// A waiter whose deadline has passed is told so rather than granted, even if the timer has
-    /// not got to it yet.
+    /// Fills free places of `name` from the front of its queue, in order, for as long as the
+    /// first in line fits (one exclusive waiter, or a run of shared ones); drops the entry once
+    /// empty. A waiter whose deadline has passed is told so rather than granted, even if the
+    /// timer has not got to it yet.
     fn promote(&mut self, name: &str, now: Instant, events: &mut Vec<Event<H>>) {
         let Some(entry) = self.names.get_mut(name) else {
             return;
         };
         let mut dues = Vec::new();
-        while entry.holders.len() < entry.max as usize {
-            let Some(w) = entry.pop_waiter() else {
-                break;
-            };
+        while entry.front_has_room() {
+            let w = entry.pop_waiter().expect("the front exists");
             self.waiting -= 1;
             if w.deadline <= now {
                 self.counters.wait_timeouts += 1;
@@ -452,16 +549,18 @@ impl<H: Clone> Table<H> {
             self.next_token += 1;
             self.counters.acquired += 1;
             self.counters.granted_after_wait += 1;
+            self.counters.shared_acquired += u64::from(w.shared);
             events.push(Event::Granted {
                 conn: w.conn,
                 token,
+                waited: now.saturating_duration_since(w.since),
                 handle: w.handle.clone(),
             });
             // The wait deadline gives way to the lease, if any.
             dues.push((w.conn, w.ttl.map(|ttl| now + ttl)));
             self.held += usize::from(entry.holders.is_empty());
             self.holders += 1;
-            entry.holders.insert(
+            entry.insert_holder(
                 w.conn,
                 Holder {
                     client_id: w.client_id,
@@ -469,6 +568,7 @@ impl<H: Clone> Table<H> {
                     since: now,
                     token,
                     ttl: w.ttl,
+                    shared: w.shared,
                     handle: w.handle,
                 },
             );

@@ -12,7 +12,7 @@
 //!
 //! Not part of the crate's API: hidden from the docs, and free to change.
 
-use super::{Claim, ConnId, Counters, Decision, Event, State, Table};
+use super::{Claim, ConnId, Counters, Decision, Event, Left, State, Table};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
@@ -22,14 +22,17 @@ struct Holder {
     since: Instant,
     expiry: Option<Instant>,
     ttl: Option<Duration>,
+    shared: bool,
     ordinal: u64,
 }
 
 #[derive(Debug, Clone)]
 struct Waiter {
     conn: ConnId,
+    since: Instant,
     deadline: Instant,
     ttl: Option<Duration>,
+    shared: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -37,6 +40,17 @@ struct Name {
     max: u32,
     holders: Vec<Holder>,
     queue: Vec<Waiter>,
+}
+
+impl Name {
+    /// Shared beside shared holders only; exclusive beside fewer than `max` exclusive ones.
+    fn fits(&self, shared: bool) -> bool {
+        if shared {
+            self.holders.iter().all(|h| h.shared)
+        } else {
+            self.holders.iter().all(|h| !h.shared) && self.holders.len() < self.max as usize
+        }
+    }
 }
 
 /// The table's rules, plainly. Events carry the connection number as their handle.
@@ -59,6 +73,7 @@ impl Model {
         max: u32,
         wait: Option<Duration>,
         ttl: Option<Duration>,
+        shared: bool,
         now: Instant,
     ) -> Decision {
         let max = max.max(1);
@@ -70,22 +85,26 @@ impl Model {
         let decision = if entry.max != max {
             self.counters.max_mismatches += 1;
             Decision::MaxMismatch { max: entry.max }
-        } else if entry.holders.len() < max as usize && entry.queue.is_empty() {
+        } else if entry.fits(shared) && entry.queue.is_empty() {
             self.grants += 1;
             self.counters.acquired += 1;
+            self.counters.shared_acquired += u64::from(shared);
             entry.holders.push(Holder {
                 conn,
                 since: now,
                 expiry: ttl.map(|ttl| now + ttl),
                 ttl,
+                shared,
                 ordinal: self.grants,
             });
             Decision::Granted { token: self.grants }
         } else if let Some(wait) = wait.filter(|w| !w.is_zero()) {
             entry.queue.push(Waiter {
                 conn,
+                since: now,
                 deadline: now + wait,
                 ttl,
+                shared,
             });
             Decision::Queued
         } else {
@@ -115,22 +134,24 @@ impl Model {
         self.state(name, conn)
     }
 
-    pub fn leave(&mut self, name: &str, conn: ConnId, now: Instant) -> (State, Vec<Event<u64>>) {
+    pub fn leave(&mut self, name: &str, conn: ConnId, now: Instant) -> (Left, Vec<Event<u64>>) {
         let mut events = Vec::new();
-        let state = self.state(name, conn);
-        if state == State::Absent {
-            return (state, events);
-        }
-        let n = self.names.get_mut(name).expect("present");
-        if state == State::Holding {
-            n.holders.retain(|h| h.conn != conn);
+        let Some(n) = self.names.get_mut(name) else {
+            return (Left::Absent, events);
+        };
+        let left = if let Some(i) = n.holders.iter().position(|h| h.conn == conn) {
+            let h = n.holders.remove(i);
             self.counters.released += 1;
+            Left::Held(now - h.since)
+        } else if let Some(i) = n.queue.iter().position(|w| w.conn == conn) {
+            let w = n.queue.remove(i);
+            Left::Waited(now - w.since)
         } else {
-            n.queue.retain(|w| w.conn != conn);
-        }
+            return (Left::Absent, events);
+        };
         self.promote(name, now, &mut events);
         self.forget_empty();
-        (state, events)
+        (left, events)
     }
 
     pub fn tick(&mut self, now: Instant) -> Vec<Event<u64>> {
@@ -151,10 +172,12 @@ impl Model {
         for (_, conn, name, holder) in &due {
             let n = self.names.get_mut(name).expect("present");
             if *holder {
-                n.holders.retain(|h| h.conn != *conn);
+                let i = n.holders.iter().position(|h| h.conn == *conn).expect("due");
+                let h = n.holders.remove(i);
                 self.counters.expired += 1;
                 events.push(Event::Expired {
                     conn: *conn,
+                    held: now - h.since,
                     handle: conn.0,
                 });
             } else {
@@ -174,10 +197,11 @@ impl Model {
         events
     }
 
-    /// Fills free places from the front of the queue; a waiter whose time is up is told so.
+    /// Grants from the front of the queue while the first in line fits; a waiter whose time is
+    /// up is told so.
     fn promote(&mut self, name: &str, now: Instant, events: &mut Vec<Event<u64>>) {
         let n = self.names.get_mut(name).expect("present");
-        while n.holders.len() < n.max as usize && !n.queue.is_empty() {
+        while n.queue.first().is_some_and(|w| n.fits(w.shared)) {
             let w = n.queue.remove(0);
             if w.deadline <= now {
                 self.counters.wait_timeouts += 1;
@@ -191,9 +215,11 @@ impl Model {
             self.grants += 1;
             self.counters.acquired += 1;
             self.counters.granted_after_wait += 1;
+            self.counters.shared_acquired += u64::from(w.shared);
             events.push(Event::Granted {
                 conn: w.conn,
                 token: self.grants,
+                waited: now - w.since,
                 handle: w.conn.0,
             });
             n.holders.push(Holder {
@@ -201,6 +227,7 @@ impl Model {
                 since: now,
                 expiry: w.ttl.map(|ttl| now + ttl),
                 ttl: w.ttl,
+                shared: w.shared,
                 ordinal: self.grants,
             });
         }
@@ -242,6 +269,7 @@ pub enum Op {
         max: u32,
         wait: Option<Duration>,
         ttl: Option<Duration>,
+        shared: bool,
     },
     /// Connection number `conn` (counted from 0, modulo the connections so far) leaves: its own
     /// name, or names\[n\] with `Some(n)` (a stray call that must change nothing).
@@ -303,6 +331,7 @@ impl Check {
                 max,
                 wait,
                 ttl,
+                shared,
             } => {
                 let name = name % names;
                 let conn = ConnId(self.conns.len() as u64 + 1);
@@ -314,11 +343,12 @@ impl Check {
                     max,
                     wait,
                     ttl,
+                    shared,
                     handle: conn.0,
                 };
                 let n = &self.names[name];
                 let got = self.table.lock(n, req, self.now);
-                let want = self.model.lock(n, conn, max, wait, ttl, self.now);
+                let want = self.model.lock(n, conn, max, wait, ttl, shared, self.now);
                 let got = match got {
                     Decision::Granted { token } => Decision::Granted {
                         token: self.ordinal(token),
@@ -377,10 +407,12 @@ impl Check {
                 Event::Granted {
                     conn,
                     token,
+                    waited,
                     handle,
                 } => Event::Granted {
                     conn,
                     token: self.ordinal(token),
+                    waited,
                     handle,
                 },
                 e => e,
@@ -440,25 +472,59 @@ impl Check {
             t.holders(),
             snap.iter().map(|l| l.holders.len()).sum::<usize>()
         );
-        assert_eq!(t.waiting(), snap.iter().map(|l| l.waiting).sum::<usize>());
+        assert_eq!(
+            t.waiting(),
+            snap.iter().map(|l| l.waiters.len()).sum::<usize>()
+        );
         for lock in &snap {
             let n = &m.names[&*lock.name];
             assert_eq!(lock.max, n.max);
-            assert!(lock.holders.len() <= lock.max as usize, "{}", lock.name);
-            assert_eq!(lock.waiting, n.queue.len());
-            // Waiters only while every place is taken.
-            assert!(lock.waiting == 0 || lock.holders.len() == lock.max as usize);
+            let shared = lock.holders.iter().filter(|h| h.shared).count();
+            // Never both modes; exclusive holders at most `max`.
+            assert!(shared == 0 || shared == lock.holders.len(), "{}", lock.name);
+            assert!(
+                shared > 0 || lock.holders.len() <= lock.max as usize,
+                "{}",
+                lock.name
+            );
+            // Waiters only while the first of them does not fit.
+            if let Some(first) = lock.waiters.first() {
+                let fits = if first.shared {
+                    shared == lock.holders.len()
+                } else {
+                    shared == 0 && lock.holders.len() < lock.max as usize
+                };
+                assert!(!fits, "{}: the first waiter fits", lock.name);
+            }
+            // The waiters, in the model's queue order.
+            let got: Vec<(Duration, Duration, bool)> = lock
+                .waiters
+                .iter()
+                .map(|w| (w.waited, w.left, w.shared))
+                .collect();
+            let want: Vec<(Duration, Duration, bool)> = n
+                .queue
+                .iter()
+                .map(|w| {
+                    (
+                        self.now - w.since,
+                        w.deadline.saturating_duration_since(self.now),
+                        w.shared,
+                    )
+                })
+                .collect();
+            assert_eq!(got, want, "waiters of {}", lock.name);
             // Longest held first, and the holders and their tokens are the model's.
             assert!(lock.holders.is_sorted_by(|a, b| a.held_for >= b.held_for));
-            let mut got: Vec<(Duration, u64, Option<Duration>)> = lock
+            let mut got: Vec<(Duration, u64, Option<Duration>, bool)> = lock
                 .holders
                 .iter()
-                .map(|h| (h.held_for, self.ordinals[&h.token], h.ttl))
+                .map(|h| (h.held_for, self.ordinals[&h.token], h.ttl, h.shared))
                 .collect();
-            let mut want: Vec<(Duration, u64, Option<Duration>)> = n
+            let mut want: Vec<(Duration, u64, Option<Duration>, bool)> = n
                 .holders
                 .iter()
-                .map(|h| (self.now - h.since, h.ordinal, h.ttl))
+                .map(|h| (self.now - h.since, h.ordinal, h.ttl, h.shared))
                 .collect();
             got.sort();
             want.sort();

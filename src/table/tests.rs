@@ -19,17 +19,30 @@ fn req(conn: u64) -> Claim<u64> {
         max: 1,
         wait: None,
         ttl: None,
+        shared: false,
         handle: conn,
     }
 }
 
+/// `Table::leave`, with where the connection stood as a [`State`] (the tests of durations look
+/// at [`Left`] themselves).
+fn leave(t: &mut Table<u64>, name: &str, conn: ConnId, now: Instant) -> (State, Vec<Event<u64>>) {
+    let (left, events) = t.leave(name, conn, now);
+    (left.state(), events)
+}
+
 trait With {
+    fn shared(self) -> Self;
     fn wait(self, s: f64) -> Self;
     fn max(self, k: u32) -> Self;
     fn ttl(self, s: f64) -> Self;
 }
 
 impl With for Claim<u64> {
+    fn shared(mut self) -> Self {
+        self.shared = true;
+        self
+    }
     fn wait(mut self, s: f64) -> Self {
         self.wait = Some(secs(s));
         self
@@ -67,7 +80,7 @@ fn try_lock_is_first_come_first_served() {
     assert!(is_granted(t.lock("b", req(3), now)));
     assert_eq!(t.state("a", ConnId(1)), State::Holding);
     assert_eq!(t.state("a", ConnId(2)), State::Absent);
-    let (was, events) = t.leave("a", ConnId(1), now);
+    let (was, events) = leave(&mut t, "a", ConnId(1), now);
     assert_eq!(was, State::Holding);
     assert!(events.is_empty());
     assert!(is_granted(t.lock("a", req(2), now)));
@@ -81,12 +94,12 @@ fn leave_by_a_stranger_or_twice_changes_nothing() {
     let now = t0();
     let mut t = Table::new(1);
     t.lock("a", req(1), now);
-    assert_eq!(t.leave("a", ConnId(2), now), (State::Absent, vec![]));
-    assert_eq!(t.leave("b", ConnId(1), now), (State::Absent, vec![]));
-    assert_eq!(t.leave("a", ConnId(1), now).0, State::Holding);
+    assert_eq!(leave(&mut t, "a", ConnId(2), now), (State::Absent, vec![]));
+    assert_eq!(leave(&mut t, "b", ConnId(1), now), (State::Absent, vec![]));
+    assert_eq!(leave(&mut t, "a", ConnId(1), now).0, State::Holding);
     t.lock("a", req(3), now);
     // Connection 1 says goodbye again (release, then the socket closed): 3 keeps the lock.
-    assert_eq!(t.leave("a", ConnId(1), now), (State::Absent, vec![]));
+    assert_eq!(leave(&mut t, "a", ConnId(1), now), (State::Absent, vec![]));
     assert_eq!(t.state("a", ConnId(3)), State::Holding);
 }
 
@@ -100,13 +113,13 @@ fn waiters_are_granted_in_fifo_order() {
     }
     assert_eq!(t.waiting(), 4);
     for (holder, next) in [(1, 2), (2, 3), (3, 4), (4, 5)] {
-        let (_, events) = t.leave("a", ConnId(holder), now);
+        let (_, events) = leave(&mut t, "a", ConnId(holder), now);
         assert_eq!(granted_conns(&events), [next]);
         assert_eq!(t.state("a", ConnId(next)), State::Holding);
     }
     assert_eq!(t.waiting(), 0);
     assert_eq!(t.counters().granted_after_wait, 4);
-    t.leave("a", ConnId(5), now);
+    leave(&mut t, "a", ConnId(5), now);
     assert_eq!(t.names(), 0, "an empty name leaves no entry behind");
 }
 
@@ -119,7 +132,7 @@ fn nobody_barges_past_the_queue() {
     // A try-lock and a later waiter both stay behind 2.
     assert_eq!(t.lock("a", req(3), now), Decision::NotGranted);
     assert_eq!(t.lock("a", req(4).wait(10.0), now), Decision::Queued);
-    let (_, events) = t.leave("a", ConnId(1), now);
+    let (_, events) = leave(&mut t, "a", ConnId(1), now);
     assert_eq!(granted_conns(&events), [2]);
 }
 
@@ -132,15 +145,15 @@ fn a_waiter_can_leave_at_every_point_of_its_life() {
         t.lock("a", req(c).wait(10.0), now);
     }
     // From the middle of the queue: the others keep their order.
-    assert_eq!(t.leave("a", ConnId(3), now), (State::Waiting, vec![]));
+    assert_eq!(leave(&mut t, "a", ConnId(3), now), (State::Waiting, vec![]));
     assert_eq!(t.state("a", ConnId(3)), State::Absent);
     // From the front.
-    assert_eq!(t.leave("a", ConnId(2), now), (State::Waiting, vec![]));
+    assert_eq!(leave(&mut t, "a", ConnId(2), now), (State::Waiting, vec![]));
     // Granted, then gone: the next one moves up.
-    let (_, events) = t.leave("a", ConnId(1), now);
+    let (_, events) = leave(&mut t, "a", ConnId(1), now);
     assert_eq!(granted_conns(&events), [4]);
     t.lock("a", req(5).wait(10.0), now);
-    let (was, events) = t.leave("a", ConnId(4), now);
+    let (was, events) = leave(&mut t, "a", ConnId(4), now);
     assert_eq!(was, State::Holding);
     assert_eq!(granted_conns(&events), [5]);
     assert_eq!(t.waiting(), 0);
@@ -166,10 +179,10 @@ fn a_wait_runs_out_and_is_never_granted_afterwards() {
     assert_eq!(t.state("a", ConnId(2)), State::Absent);
     assert_eq!(t.next_deadline(), Some(now + secs(5.0)));
     // The lock frees: 3 gets it, 2 is out of the picture.
-    let (_, events) = t.leave("a", ConnId(1), now + secs(2.0));
+    let (_, events) = leave(&mut t, "a", ConnId(1), now + secs(2.0));
     assert_eq!(granted_conns(&events), [3]);
     assert_eq!(
-        t.leave("a", ConnId(2), now + secs(2.0)),
+        leave(&mut t, "a", ConnId(2), now + secs(2.0)),
         (State::Absent, vec![])
     );
     let c = t.counters();
@@ -187,7 +200,7 @@ fn a_release_after_the_deadline_but_before_the_timer_does_not_grant() {
     t.lock("a", req(1), now);
     t.lock("a", req(2).wait(1.0), now);
     t.lock("a", req(3).wait(9.0), now);
-    let (_, events) = t.leave("a", ConnId(1), now + secs(1.0));
+    let (_, events) = leave(&mut t, "a", ConnId(1), now + secs(1.0));
     assert_eq!(
         events,
         vec![
@@ -198,6 +211,7 @@ fn a_release_after_the_deadline_but_before_the_timer_does_not_grant() {
             Event::Granted {
                 conn: ConnId(3),
                 token: 2,
+                waited: secs(1.0),
                 handle: 3
             }
         ]
@@ -226,14 +240,14 @@ fn semaphore_admits_k_holders() {
     assert_eq!(t.lock("s", req(6).max(3).wait(5.0), now), Decision::Queued);
     assert_eq!(t.holders(), 3);
     assert_eq!(t.held(), 1);
-    let (_, events) = t.leave("s", ConnId(2), now);
+    let (_, events) = leave(&mut t, "s", ConnId(2), now);
     assert_eq!(granted_conns(&events), [5]);
-    let (_, events) = t.leave("s", ConnId(5), now);
+    let (_, events) = leave(&mut t, "s", ConnId(5), now);
     assert_eq!(granted_conns(&events), [6]);
     let snap = t.snapshot(now);
     assert_eq!(snap.len(), 1);
     assert_eq!(
-        (snap[0].max, snap[0].holders.len(), snap[0].waiting),
+        (snap[0].max, snap[0].holders.len(), snap[0].waiters.len()),
         (3, 3, 0)
     );
 }
@@ -256,11 +270,11 @@ fn max_must_agree_and_a_mismatch_disturbs_nobody() {
     assert_eq!(t.state("s", ConnId(5)), State::Absent);
     assert_eq!(t.counters().max_mismatches, 2);
     // Waiters alone also fix K.
-    let (_, events) = t.leave("s", ConnId(1), now);
+    let (_, events) = leave(&mut t, "s", ConnId(1), now);
     assert_eq!(granted_conns(&events), [3]);
     // Once nobody holds or waits, the name starts over with any K.
     for c in [2, 3] {
-        t.leave("s", ConnId(c), now);
+        leave(&mut t, "s", ConnId(c), now);
     }
     assert!(is_granted(t.lock("s", req(6), now)));
     assert_eq!(
@@ -285,7 +299,7 @@ fn tokens_grow_across_names_and_waits() {
             d => panic!("{d:?}"),
         }
     }
-    let (_, events) = t.leave("a", ConnId(1), now);
+    let (_, events) = leave(&mut t, "a", ConnId(1), now);
     match &events[..] {
         [Event::Granted { token, .. }] => check(*token),
         e => panic!("{e:?}"),
@@ -312,11 +326,13 @@ fn a_lease_expires_without_activity_and_is_renewed_by_it() {
         vec![
             Event::Expired {
                 conn: ConnId(1),
+                held: secs(3.5),
                 handle: 1
             },
             Event::Granted {
                 conn: ConnId(2),
                 token: 2,
+                waited: secs(3.5),
                 handle: 2
             }
         ]
@@ -324,7 +340,7 @@ fn a_lease_expires_without_activity_and_is_renewed_by_it() {
     assert_eq!(t.counters().expired, 1);
     assert_eq!(t.activity("l", ConnId(1), now + secs(3.6)), State::Absent);
     assert_eq!(
-        t.leave("l", ConnId(1), now + secs(3.6)),
+        leave(&mut t, "l", ConnId(1), now + secs(3.6)),
         (State::Absent, vec![])
     );
     // Activity from a waiter or a holder without ttl sets no deadline.
@@ -338,7 +354,7 @@ fn a_waiters_lease_starts_when_it_is_granted() {
     let mut t = Table::new(1);
     t.lock("l", req(1), now);
     t.lock("l", req(2).wait(30.0).ttl(5.0), now);
-    let (_, events) = t.leave("l", ConnId(1), now + secs(10.0));
+    let (_, events) = leave(&mut t, "l", ConnId(1), now + secs(10.0));
     assert_eq!(granted_conns(&events), [2]);
     assert_eq!(t.next_deadline(), Some(now + secs(15.0)));
     assert!(t.tick(now + secs(14.9)).is_empty());
@@ -362,11 +378,13 @@ fn wait_fencing_max_and_ttl_together() {
         vec![
             Event::Expired {
                 conn: ConnId(2),
+                held: secs(3.0),
                 handle: 2
             },
             Event::Granted {
                 conn: ConnId(3),
                 token: 102,
+                waited: secs(3.0),
                 handle: 3
             }
         ]
@@ -411,7 +429,92 @@ fn snapshot_reports_holders_and_queues() {
     assert_eq!(h.client_id.as_deref(), Some("pod-1"));
     assert_eq!(h.peer.unwrap().to_string(), "10.0.0.1:5000");
     assert_eq!((h.token, h.held_for), (7, secs(4.0)));
-    assert_eq!(snap[1].waiting, 1);
+    assert_eq!(snap[1].waiters.len(), 1);
+    let w = &snap[1].waiters[0];
+    assert_eq!((w.waited, w.left, w.shared), (secs(4.0), secs(1.0), false));
+}
+
+#[test]
+fn shared_holders_share_and_exclude_an_exclusive_one() {
+    let now = t0();
+    let mut t = Table::new(1);
+    for c in 1..=3 {
+        assert!(is_granted(t.lock("r", req(c).shared(), now)), "reader {c}");
+    }
+    assert_eq!(t.holders(), 3);
+    assert_eq!(t.held(), 1);
+    assert_eq!(t.counters().shared_acquired, 3);
+    // A writer cannot join them, and a try-lock of either mode is refused once it waits.
+    assert_eq!(t.lock("r", req(4), now), Decision::NotGranted);
+    assert_eq!(t.lock("r", req(5).wait(9.0), now), Decision::Queued);
+    assert_eq!(t.lock("r", req(6).shared(), now), Decision::NotGranted);
+    // A reader that comes after the waiting writer queues behind it: no barging.
+    assert_eq!(
+        t.lock("r", req(7).shared().wait(9.0), now),
+        Decision::Queued
+    );
+    assert_eq!(
+        t.lock("r", req(8).shared().wait(9.0), now),
+        Decision::Queued
+    );
+    assert_eq!(t.lock("r", req(9).wait(9.0), now), Decision::Queued);
+    assert_eq!(
+        t.lock("r", req(10).shared().wait(9.0), now),
+        Decision::Queued
+    );
+    // The writer is granted once the last reader goes, and nobody else.
+    assert!(leave(&mut t, "r", ConnId(1), now).1.is_empty());
+    assert!(leave(&mut t, "r", ConnId(2), now).1.is_empty());
+    let (_, events) = leave(&mut t, "r", ConnId(3), now + secs(1.0));
+    assert_eq!(granted_conns(&events), [5]);
+    // When it goes, the readers at the head of the line are granted together, up to the next
+    // writer; the reader behind that writer waits.
+    let (_, events) = leave(&mut t, "r", ConnId(5), now + secs(2.0));
+    assert_eq!(granted_conns(&events), [7, 8]);
+    assert_eq!(t.state("r", ConnId(10)), State::Waiting);
+    let snap = t.snapshot(now + secs(2.0));
+    let modes: Vec<bool> = snap[0].waiters.iter().map(|w| w.shared).collect();
+    assert_eq!(modes, [false, true], "writer 9, then reader 10");
+    assert!(snap[0].holders.iter().all(|h| h.shared));
+    // Each grant has its own token; every shared grant is counted.
+    let (_, events) = leave(&mut t, "r", ConnId(7), now + secs(3.0));
+    assert!(events.is_empty());
+    let (_, events) = leave(&mut t, "r", ConnId(8), now + secs(3.0));
+    assert_eq!(granted_conns(&events), [9]);
+    let (_, events) = leave(&mut t, "r", ConnId(9), now + secs(4.0));
+    assert_eq!(granted_conns(&events), [10]);
+    assert_eq!(t.counters().shared_acquired, 6);
+    assert_eq!(t.counters().acquired, 8);
+}
+
+#[test]
+fn readers_wait_for_a_writer_and_are_granted_together() {
+    let now = t0();
+    let mut t = Table::new(1);
+    assert!(is_granted(t.lock("w", req(1), now)));
+    for c in 2..=4 {
+        assert_eq!(
+            t.lock("w", req(c).shared().wait(5.0).ttl(1.0), now),
+            Decision::Queued
+        );
+    }
+    let (left, events) = t.leave("w", ConnId(1), now + secs(2.0));
+    assert_eq!(left, Left::Held(secs(2.0)));
+    let tokens: Vec<u64> = events
+        .iter()
+        .map(|e| match e {
+            Event::Granted { token, waited, .. } => {
+                assert_eq!(*waited, secs(2.0));
+                *token
+            }
+            e => panic!("{e:?}"),
+        })
+        .collect();
+    assert_eq!(tokens, [2, 3, 4]);
+    // Their leases start at the grant.
+    assert_eq!(t.next_deadline(), Some(now + secs(3.0)));
+    assert_eq!(t.tick(now + secs(3.0)).len(), 3);
+    assert_eq!(t.holders(), 0);
 }
 
 /// Random operations on a few names, checked against the plain model in `model.rs` (the fuzz
@@ -437,6 +540,7 @@ fn random_operations_match_the_model() {
                     max: 1 + next(2) as u32,
                     wait: [None, Some(0.0), Some(1.0), Some(3.0)][next(4) as usize].map(secs),
                     ttl: [None, None, Some(1.0), Some(2.5)][next(4) as usize].map(secs),
+                    shared: next(3) == 0,
                 }),
                 2 => {
                     // A connection leaves (release, close, reset, dead half-close); now and then
