@@ -100,6 +100,7 @@ pub enum Left {
     Absent,
 }
 
+#[cfg(test)]
 impl Left {
     pub fn state(self) -> State {
         match self {

@@ -66,16 +66,9 @@ impl Model {
         Model::default()
     }
 
-    pub fn lock(
-        &mut self,
-        name: &str,
-        conn: ConnId,
-        max: u32,
-        wait: Option<Duration>,
-        ttl: Option<Duration>,
-        shared: bool,
-        now: Instant,
-    ) -> Decision {
+    pub fn lock(&mut self, name: &str, claim: &Claim<u64>, now: Instant) -> Decision {
+        let (conn, max, wait, ttl, shared) =
+            (claim.conn, claim.max, claim.wait, claim.ttl, claim.shared);
         let max = max.max(1);
         let entry = self.names.entry(name.to_owned()).or_insert(Name {
             max,
@@ -347,8 +340,8 @@ impl Check {
                     handle: conn.0,
                 };
                 let n = &self.names[name];
+                let want = self.model.lock(n, &req, self.now);
                 let got = self.table.lock(n, req, self.now);
-                let want = self.model.lock(n, conn, max, wait, ttl, shared, self.now);
                 let got = match got {
                     Decision::Granted { token } => Decision::Granted {
                         token: self.ordinal(token),
