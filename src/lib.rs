@@ -11,4 +11,5 @@ pub mod client;
 pub mod log;
 pub mod protocol;
 pub mod server;
+pub mod status;
 pub mod table;
