@@ -52,6 +52,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::protocol;
+use crate::status::{Locks, Stats};
 
 /// The port a tcpnetlock server listens on unless told otherwise.
 pub const DEFAULT_PORT: u16 = 7654;
@@ -253,12 +254,43 @@ impl Client {
         Ok(start.elapsed())
     }
 
-    /// The server's `.stats` JSON object, as sent.
+    /// The server's counters and state (`.stats`). Works against tcpnetlock 0.1.8 too, which
+    /// fills only a few of the fields; see [`Stats`] for what a field that is `None` means.
+    ///
+    /// ```no_run
+    /// use tcpnetlock::client::Client;
+    ///
+    /// let stats = Client::new("localhost", 7654).stats()?;
+    /// println!("{} locks held", stats.locks_held.unwrap_or(0));
+    /// # Ok::<(), tcpnetlock::client::Error>(())
+    /// ```
+    pub fn stats(&self) -> Result<Stats, Error> {
+        read_status(".stats", &self.stats_json()?)
+    }
+
+    /// Every held name with its holders and queue length (`.locks`).
+    ///
+    /// ```no_run
+    /// use tcpnetlock::client::Client;
+    ///
+    /// for lock in &Client::new("localhost", 7654).locks()? {
+    ///     for holder in &lock.holders {
+    ///         println!("{} held by {:?} for {:?}", lock.name, holder.client_id, holder.held());
+    ///     }
+    /// }
+    /// # Ok::<(), tcpnetlock::client::Error>(())
+    /// ```
+    pub fn locks(&self) -> Result<Locks, Error> {
+        read_status(".locks", &self.locks_json()?)
+    }
+
+    /// The server's `.stats` JSON object, as sent: for passing on unchanged. [`Client::stats`]
+    /// reads it.
     pub fn stats_json(&self) -> Result<String, Error> {
         self.ask(".stats", "stats,", LINE_MAX)
     }
 
-    /// The server's `.locks` JSON object (held names, holders, queue lengths), as sent.
+    /// The server's `.locks` JSON object, as sent. [`Client::locks`] reads it.
     pub fn locks_json(&self) -> Result<String, Error> {
         self.ask(".locks", "locks,", LOCKS_LINE_MAX)
     }
@@ -382,6 +414,18 @@ fn parse_grant(line: &str) -> Result<Option<u64>, Error> {
 }
 
 /// An `err,` line becomes the server's message; anything else is a protocol error.
+/// A `.stats` or `.locks` reply read into its type; what is not its JSON object is a
+/// `Protocol` error that shows the start of it.
+fn read_status<T: serde::de::DeserializeOwned>(request: &str, json: &str) -> Result<T, Error> {
+    serde_json::from_str(json).map_err(|e| {
+        let start: String = json.chars().take(200).collect();
+        let more = if start.len() < json.len() { "…" } else { "" };
+        Error::Protocol(format!(
+            "the reply to {request} is not the JSON object expected ({e}): {start:?}{more}"
+        ))
+    })
+}
+
 fn unexpected(line: &str) -> Error {
     match line.strip_prefix("err,") {
         Some(msg) => Error::Server(msg.to_owned()),

@@ -58,6 +58,7 @@ fn stats_for_people_and_as_json() {
     assert_eq!(rows[0], ("version", env!("CARGO_PKG_VERSION")));
     assert!(rows.contains(&("locks held", "1")), "{out}");
     assert!(rows.contains(&("grants", "1")), "{out}");
+    assert!(rows.contains(&("log lines dropped", "0")), "{out}");
     assert!(
         rows.iter()
             .any(|(k, v)| *k == "peak memory" && v.ends_with(" MiB")),
@@ -324,6 +325,61 @@ fn a_reply_that_is_not_json_is_an_error_shown_escaped() {
             "{err:?}"
         );
     }
+}
+
+/// JSON that is not the object expected (a list, a lock that is not an object) is an error
+/// for `--json` too, said as such; a value of an unexpected type is shown as sent, under its
+/// label (0.1.8 sends `"maxrss": "n/a"` when getrusage fails).
+#[test]
+fn json_that_is_not_the_object_expected_is_an_error_and_odd_values_are_shown() {
+    let port = fake_server(|request| match request {
+        ".stats" => "stats,[1]".to_owned(),
+        _ => "locks,{\"a\": 5}".to_owned(),
+    });
+    for (args, detail) in [
+        (
+            &["stats"][..],
+            "(invalid type: sequence, expected a map at line 1 column 0): [1]\n",
+        ),
+        (
+            &["stats", "--json"],
+            "(invalid type: sequence, expected a map at line 1 column 0): [1]\n",
+        ),
+        (&["locks"], "(lock \"a\" is 5, not an object): {\"a\": 5}\n"),
+        (
+            &["locks", "--json"],
+            "(lock \"a\" is 5, not an object): {\"a\": 5}\n",
+        ),
+    ] {
+        let (code, out, err) = tnl(port, args);
+        assert_eq!((code, out.as_str()), (1, ""), "{args:?}");
+        assert_eq!(
+            err,
+            format!(
+                "tcpnetlock: error: the server's reply is not the JSON object expected {detail}"
+            ),
+            "{args:?}"
+        );
+    }
+
+    let port = fake_server(|_| {
+        "stats,{\"lock_count\": 1, \"maxrss\": \"n/a\", \"requests_count\": 3, \
+         \"lock_acquired_count\": 1, \"lock_not_acquired_count\": -1}"
+            .to_owned()
+    });
+    assert_eq!(
+        tnl(port, &["stats"]),
+        (
+            0,
+            "locks held            1\n\
+             connections accepted  3\n\
+             grants                1\n\
+             refusals              -1\n\
+             peak memory           n/a\n"
+                .to_owned(),
+            String::new()
+        )
+    );
 }
 
 /// `--host` and TCPNETLOCK_HOST take HOST:PORT and [IPv6]:PORT; a second, different port from

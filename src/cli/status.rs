@@ -1,20 +1,25 @@
 //! `tcpnetlock ping`, `stats` and `locks`: ask the server, show the answer to a person, or pass
 //! the server's JSON on with `--json`.
 //!
-//! The reply is read with serde_json: integers stay exact (a fencing token above 2^53 is shown
-//! as the server sent it), and any number, however large, is shown rather than turned into a
-//! duration that cannot exist. Text from the server is escaped before it reaches a terminal
-//! ([`output::printable`]); `--json` passes the server's bytes on unchanged, once they are known
-//! to be JSON.
+//! Replies are read into the library's [`Stats`] and [`Locks`], the types the server writes
+//! from: integers stay exact (a fencing token above 2^53 is shown as the server sent it), and
+//! a value that does not fit its field (0.1.8's `"maxrss": "n/a"`, a number no duration can
+//! hold) is shown as sent rather than dropped or turned into a duration that cannot exist.
+//! Text from the server is escaped before it reaches a terminal ([`output::printable`]);
+//! `--json` passes the server's bytes on unchanged, once they are known to be the object
+//! expected.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use clap::Args;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::output::{self, printable};
 use super::{EXIT_FAILURE, EXIT_UNREACHABLE, Fail, ServerAddr};
 use tcpnetlock::client;
+use tcpnetlock::status::{Locks, Stats};
 
 const EXIT_CODES: &str = "\
 Exit status: 0 on an answer (also when stdout is a pipe closed early, as by `head`); 125 if the \
@@ -50,20 +55,20 @@ pub fn ping(args: StatusArgs) -> Result<u8, Fail> {
 
 pub fn stats(args: StatusArgs) -> Result<u8, Fail> {
     let text = args.server.client().stats_json().map_err(|e| failure(&e))?;
-    let value = parse(&text)?;
+    let stats: Stats = parse(&text)?;
     if args.json {
         return show(&format!("{text}\n"));
     }
-    show(&render_stats(&value))
+    show(&render_stats(&stats))
 }
 
 pub fn locks(args: StatusArgs) -> Result<u8, Fail> {
     let text = args.server.client().locks_json().map_err(|e| failure(&e))?;
-    let value = parse(&text)?;
+    let locks: Locks = parse(&text)?;
     if args.json {
         return show(&format!("{text}\n"));
     }
-    show(&render_locks(&value))
+    show(&render_locks(&locks))
 }
 
 /// Writes the answer. A reader that has gone (`| head -1`) has all it wanted: no error, as
@@ -88,15 +93,20 @@ fn failure(e: &client::Error) -> Fail {
     Fail::new(code, &printable(&e.to_string()))
 }
 
-fn parse(text: &str) -> Result<Value, Fail> {
+fn parse<T: DeserializeOwned>(text: &str) -> Result<T, Fail> {
     serde_json::from_str(text).map_err(|e| {
         // Enough of the reply to recognise it, not a screenful.
         let start: String = text.chars().take(200).collect();
         let more = if start.len() < text.len() { "…" } else { "" };
+        let what = if e.is_data() {
+            "the JSON object expected"
+        } else {
+            "JSON"
+        };
         Fail::new(
             EXIT_FAILURE,
             &format!(
-                "the server's reply is not JSON ({e}): {}{more}",
+                "the server's reply is not {what} ({e}): {}{more}",
                 printable(&start)
             ),
         )
@@ -110,7 +120,7 @@ fn plain(value: &Value) -> String {
         Value::Null => "-".into(),
         Value::String(s) => printable(s),
         Value::Number(n) => match n.as_f64() {
-            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+            Some(f) if n.is_f64() => number(f),
             _ => n.to_string(),
         },
         Value::Bool(b) => b.to_string(),
@@ -118,66 +128,105 @@ fn plain(value: &Value) -> String {
     }
 }
 
-/// Seconds from the server as a duration (`2m07s`); a number no duration can hold is shown
-/// as it is.
-fn seconds(value: &Value) -> String {
-    value
-        .as_f64()
-        .and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok())
-        .map_or_else(|| plain(value), human_duration)
+fn number(f: f64) -> String {
+    if f.fract() == 0.0 && f.abs() < 1e15 {
+        format!("{}", f as i64)
+    } else {
+        Value::from(f).to_string()
+    }
 }
 
-/// The keys of `.stats` a person wants, in the order they make sense, with their labels.
-/// 0.1.8's `lock_count` is shown only when `locks_held` (the same number) is missing.
-const STATS: [(&str, &str); 17] = [
-    ("version", "version"),
-    ("uptime_secs", "uptime"),
-    ("locks_held", "locks held"),
-    ("lock_count", "locks held"),
-    ("holders", "holders"),
-    ("waiting", "waiting"),
-    ("connections", "connections open"),
-    ("requests_count", "connections accepted"),
-    ("lock_acquired_count", "grants"),
-    ("granted_after_wait_count", "grants after waiting"),
-    ("lock_not_acquired_count", "refusals"),
-    ("wait_timeout_count", "waits timed out"),
-    ("lease_expired_count", "leases expired"),
-    ("lock_released_count", "releases"),
-    ("max_mismatch_count", "max mismatches"),
-    ("threads", "worker threads"),
-    ("maxrss", "peak memory"),
-];
+/// Seconds from the server as a duration (`2m07s`); a number no duration can hold is shown
+/// as it is.
+fn seconds(secs: f64) -> String {
+    Duration::try_from_secs_f64(secs.max(0.0)).map_or_else(|_| number(secs), human_duration)
+}
 
-fn render_stats(stats: &Value) -> String {
-    let Value::Object(fields) = stats else {
-        return format!("{}\n", plain(stats));
-    };
+/// The field read, or else the value the server sent under its key when it did not fit the
+/// field (0.1.8's `"maxrss": "n/a"`): shown as sent rather than left out.
+fn or_sent(typed: Option<String>, other: &BTreeMap<String, Value>, key: &str) -> Option<String> {
+    typed.or_else(|| other.get(key).map(plain))
+}
+
+fn count(n: Option<u64>) -> Option<String> {
+    n.map(|n| n.to_string())
+}
+
+/// What a person wants of `.stats`, in the order it makes sense, with labels; then whatever a
+/// newer server adds, under its own name.
+fn render_stats(s: &Stats) -> String {
+    let threads = s.threads.map(|t| match s.threads_idle {
+        Some(idle) => format!("{t} ({idle} idle)"),
+        None => t.to_string(),
+    });
+    let known: [(&str, &str, Option<String>); 17] = [
+        ("version", "version", s.version.as_deref().map(printable)),
+        ("uptime_secs", "uptime", s.uptime_secs.map(seconds)),
+        ("locks_held", "locks held", count(s.locks_held)),
+        ("holders", "holders", count(s.holders)),
+        ("waiting", "waiting", count(s.waiting)),
+        ("connections", "connections open", count(s.connections)),
+        (
+            "requests_count",
+            "connections accepted",
+            count(s.requests_count),
+        ),
+        (
+            "lock_acquired_count",
+            "grants",
+            count(s.lock_acquired_count),
+        ),
+        (
+            "granted_after_wait_count",
+            "grants after waiting",
+            count(s.granted_after_wait_count),
+        ),
+        (
+            "lock_not_acquired_count",
+            "refusals",
+            count(s.lock_not_acquired_count),
+        ),
+        (
+            "wait_timeout_count",
+            "waits timed out",
+            count(s.wait_timeout_count),
+        ),
+        (
+            "lease_expired_count",
+            "leases expired",
+            count(s.lease_expired_count),
+        ),
+        (
+            "lock_released_count",
+            "releases",
+            count(s.lock_released_count),
+        ),
+        (
+            "max_mismatch_count",
+            "max mismatches",
+            count(s.max_mismatch_count),
+        ),
+        ("threads", "worker threads", threads),
+        (
+            "maxrss",
+            "peak memory",
+            s.maxrss
+                .map(|kib| format!("{:.1} MiB", kib as f64 / 1024.0)),
+        ),
+        (
+            "log_lines_dropped",
+            "log lines dropped",
+            count(s.log_lines_dropped),
+        ),
+    ];
     let mut rows: Vec<(String, String)> = Vec::new();
-    for (key, label) in STATS {
-        let Some(value) = stats.get(key) else {
-            continue;
-        };
-        if key == "lock_count" && stats.get("locks_held").is_some() {
-            continue;
+    for (key, label, typed) in &known {
+        if let Some(shown) = or_sent(typed.clone(), &s.other, key) {
+            rows.push(((*label).to_owned(), shown));
         }
-        let shown = match key {
-            "uptime_secs" => seconds(value),
-            "maxrss" => match value.as_f64() {
-                Some(kib) if kib.abs() < 1e15 => format!("{:.1} MiB", kib / 1024.0),
-                _ => plain(value),
-            },
-            "threads" => match stats.get("threads_idle") {
-                Some(idle) => format!("{} ({} idle)", plain(value), plain(idle)),
-                None => plain(value),
-            },
-            _ => plain(value),
-        };
-        rows.push((label.to_owned(), shown));
     }
-    // Whatever a newer server adds, under its own name.
-    for (key, value) in fields {
-        if key != "threads_idle" && !STATS.iter().any(|(k, _)| k == key) {
+    for (key, value) in &s.other {
+        if !known.iter().any(|(k, _, _)| k == key) {
             rows.push((printable(key), plain(value)));
         }
     }
@@ -191,38 +240,30 @@ fn render_stats(stats: &Value) -> String {
         .collect()
 }
 
-fn render_locks(locks: &Value) -> String {
-    let Value::Object(names) = locks else {
-        return format!("{}\n", plain(locks));
-    };
-    if names.is_empty() {
+fn render_locks(locks: &Locks) -> String {
+    if locks.is_empty() {
         return "no locks held\n".into();
     }
     let mut rows =
         vec![["NAME", "HOLDER", "PEER", "HELD", "TOKEN", "TTL", "WAITING"].map(String::from)];
-    for (name, lock) in names {
-        let name = printable(name);
-        let title = match lock.get("max") {
-            Some(max) if max.as_u64() != Some(1) && !max.is_null() => {
-                format!("{name} (max {})", plain(max))
-            }
+    for lock in locks {
+        let name = printable(&lock.name);
+        let title = match or_sent(count(lock.max.map(u64::from)), &lock.other, "max") {
+            Some(max) if max != "1" => format!("{name} (max {max})"),
             _ => name,
         };
-        let waiting = lock.get("waiting").map_or("0".into(), plain);
-        let holders = match lock.get("holders") {
-            Some(Value::Array(h)) => h.as_slice(),
-            _ => &[],
-        };
-        for h in holders {
-            let secs = |key: &str| h.get(key).map_or("-".into(), seconds);
-            let field = |key: &str| h.get(key).map_or("-".into(), plain);
+        let waiting = or_sent(count(lock.waiting), &lock.other, "waiting").unwrap_or("0".into());
+        for h in &lock.holders {
+            let cell = |typed: Option<String>, key: &str| {
+                or_sent(typed, &h.other, key).unwrap_or("-".into())
+            };
             rows.push([
                 title.clone(),
-                field("client_id"),
-                field("peer"),
-                secs("held_secs"),
-                field("token"),
-                secs("ttl_secs"),
+                cell(h.client_id.as_deref().map(printable), "client_id"),
+                cell(h.peer.as_deref().map(printable), "peer"),
+                cell(h.held_secs.map(seconds), "held_secs"),
+                cell(count(h.token), "token"),
+                cell(h.ttl_secs.map(seconds), "ttl_secs"),
                 waiting.clone(),
             ]);
         }
@@ -276,34 +317,65 @@ mod tests {
         );
     }
 
+    /// tcpnetlock 0.1.8's own reply (src/status/tests.rs says how it was captured), and the
+    /// `"n/a"` it sends when getrusage fails.
     #[test]
     fn stats_from_0_1_8() {
-        let v = serde_json::from_str(
-            r#"{"requests_count": 3, "lock_acquired_count": 1, "lock_not_acquired_count": 0, "lock_count": 1, "maxrss": 20480}"#,
-        )
-        .unwrap();
-        let text = render_stats(&v);
-        assert!(text.contains("locks held            1\n"), "{text}");
-        assert!(text.contains("peak memory           20.0 MiB\n"), "{text}");
+        let reply = r#"{"lock_count": 1, "maxrss": 13840, "requests_count": 3, "lock_acquired_count": 1, "lock_not_acquired_count": 1}"#;
+        assert_eq!(
+            render_stats(&parse(reply).unwrap()),
+            "locks held            1\n\
+             connections accepted  3\n\
+             grants                1\n\
+             refusals              1\n\
+             peak memory           13.5 MiB\n"
+        );
+        let text = render_stats(&parse(&reply.replace("13840", "\"n/a\"")).unwrap());
+        assert!(text.ends_with("peak memory           n/a\n"), "{text}");
+    }
+
+    #[test]
+    fn stats_of_this_server() {
+        let reply = r#"{"requests_count": 12, "lock_acquired_count": 5, "lock_not_acquired_count": 2, "lock_count": 1, "maxrss": 4180, "locks_held": 1, "holders": 1, "waiting": 0, "lock_released_count": 4, "granted_after_wait_count": 1, "wait_timeout_count": 0, "lease_expired_count": 0, "max_mismatch_count": 0, "connections": 2, "threads": 3, "threads_idle": 1, "uptime_secs": 81.250, "log_lines_dropped": 0, "version": "0.2.0", "shared_grants_count": 3}"#;
+        assert_eq!(
+            render_stats(&parse(reply).unwrap()),
+            "version               0.2.0\n\
+             uptime                1m21s\n\
+             locks held            1\n\
+             holders               1\n\
+             waiting               0\n\
+             connections open      2\n\
+             connections accepted  12\n\
+             grants                5\n\
+             grants after waiting  1\n\
+             refusals              2\n\
+             waits timed out       0\n\
+             leases expired        0\n\
+             releases              4\n\
+             max mismatches        0\n\
+             worker threads        3 (1 idle)\n\
+             peak memory           4.1 MiB\n\
+             log lines dropped     0\n\
+             shared_grants_count   3\n"
+        );
     }
 
     #[test]
     fn locks_table() {
-        let v = serde_json::from_str(
+        let locks = parse(
             r#"{"a": {"max": 1, "waiting": 2, "holders": [{"client_id": "ci-7", "peer": "127.0.0.1:5", "held_secs": 1.25, "token": 17, "ttl_secs": null}]},
-                "s": {"max": 3, "waiting": 0, "holders": [{"client_id": null, "peer": "[::1]:9", "held_secs": 0.5, "token": 18, "ttl_secs": 30.0}, {"client_id": null, "peer": "[::1]:8", "held_secs": 0.1, "token": 19, "ttl_secs": 30.0}]}}"#,
+                "s": {"max": 3, "waiting": 0, "holders": [{"client_id": null, "peer": "[::1]:9", "held_secs": 0.5, "token": 18, "ttl_secs": 30.0}, {"client_id": null, "peer": "[::1]:8", "held_secs": 0.1, "token": 19, "ttl_secs": 30.0}]},
+                "t": {"max": "two", "waiting": "many", "holders": [{"client_id": 7, "token": 18446744073709551615, "held_secs": -1}]}}"#,
         )
         .unwrap();
         assert_eq!(
-            render_locks(&v),
-            "NAME       HOLDER  PEER         HELD   TOKEN  TTL    WAITING\n\
-             a          ci-7    127.0.0.1:5  1.2s   17     -      2\n\
-             s (max 3)  -       [::1]:9      500ms  18     30.0s  0\n\
-             s (max 3)  -       [::1]:8      100ms  19     30.0s  0\n"
+            render_locks(&locks),
+            "NAME         HOLDER  PEER         HELD   TOKEN                 TTL    WAITING\n\
+             a            ci-7    127.0.0.1:5  1.2s   17                    -      2\n\
+             s (max 3)    -       [::1]:9      500ms  18                    30.0s  0\n\
+             s (max 3)    -       [::1]:8      100ms  19                    30.0s  0\n\
+             t (max two)  7       -            0ms    18446744073709551615  -      many\n"
         );
-        assert_eq!(
-            render_locks(&serde_json::from_str("{}").unwrap()),
-            "no locks held\n"
-        );
+        assert_eq!(render_locks(&parse("{}").unwrap()), "no locks held\n");
     }
 }
