@@ -85,6 +85,8 @@ pub struct Stats {
     pub uptime_secs: Option<f64>,
     /// Log lines dropped since start because the log destination did not keep up.
     pub log_lines_dropped: Option<u64>,
+    /// Grants in shared mode since start (also counted in `lock_acquired_count`).
+    pub shared_granted_count: Option<u64>,
     /// The server's version.
     pub version: Option<String>,
     /// Keys this version does not know, and known keys whose value did not fit the field,
@@ -122,7 +124,7 @@ impl Stats {
     /// let mut json = String::new();
     /// stats.write_json(&mut json);
     /// assert!(json.starts_with(r#"{"requests_count": 12, "lock_acquired_count": null, "#));
-    /// assert!(json.ends_with(r#""version": "0.2.0"}"#));
+    /// assert!(json.ends_with(r#""version": "0.2.0", "shared_granted_count": null}"#));
     /// ```
     pub fn write_json(&self, out: &mut String) {
         let mut o = Object::open(out);
@@ -145,6 +147,7 @@ impl Stats {
         o.secs("uptime_secs", self.uptime_secs);
         o.count("log_lines_dropped", self.log_lines_dropped);
         o.text("version", self.version.as_deref());
+        o.count("shared_granted_count", self.shared_granted_count);
         o.close(&self.other);
     }
 
@@ -171,6 +174,7 @@ impl Stats {
             uptime_secs: take(&mut f, "uptime_secs"),
             log_lines_dropped: take(&mut f, "log_lines_dropped"),
             version: take(&mut f, "version"),
+            shared_granted_count: take(&mut f, "shared_granted_count"),
             other: f,
         }
     }
@@ -358,6 +362,9 @@ pub struct LockInfo {
     /// Its holders, the longest-held first. Empty when the server sent none (or not a list of
     /// objects, which is then in `other`).
     pub holders: Vec<HolderInfo>,
+    /// Who waits for it, in queue order: the first is granted next. Empty from a server that
+    /// does not list waiters (before 0.3), which sends `waiting` only.
+    pub waiters: Vec<WaiterInfo>,
     /// Keys this version does not know, and known keys whose value did not fit.
     pub other: BTreeMap<String, Value>,
 }
@@ -389,11 +396,21 @@ impl LockInfo {
             holder.write_json(o.out);
         }
         o.out.push(']');
+        o.key("waiters");
+        o.out.push('[');
+        for (i, waiter) in self.waiters.iter().enumerate() {
+            if i > 0 {
+                o.out.push_str(", ");
+            }
+            waiter.write_json(o.out);
+        }
+        o.out.push(']');
         o.close(&self.other);
     }
 
     fn from_fields(name: String, mut f: Fields) -> LockInfo {
         let holders: Option<Vec<Fields>> = take(&mut f, "holders");
+        let waiters: Option<Vec<Fields>> = take(&mut f, "waiters");
         LockInfo {
             name,
             max: take(&mut f, "max"),
@@ -402,6 +419,11 @@ impl LockInfo {
                 .unwrap_or_default()
                 .into_iter()
                 .map(HolderInfo::from_fields)
+                .collect(),
+            waiters: waiters
+                .unwrap_or_default()
+                .into_iter()
+                .map(WaiterInfo::from_fields)
                 .collect(),
             other: f,
         }
@@ -435,6 +457,9 @@ pub struct HolderInfo {
     pub token: Option<u64>,
     /// Its lease in seconds, `None` when it holds without one; see [`HolderInfo::ttl`].
     pub ttl_secs: Option<f64>,
+    /// Exclusive or shared; `None` from a server without shared locks (before 0.3: all
+    /// exclusive).
+    pub mode: Option<Mode>,
     /// Keys this version does not know, and known keys whose value did not fit.
     pub other: BTreeMap<String, Value>,
 }
@@ -472,6 +497,7 @@ impl HolderInfo {
         o.secs("held_secs", self.held_secs);
         o.count("token", self.token);
         o.secs("ttl_secs", self.ttl_secs);
+        o.text("mode", self.mode.map(Mode::as_str));
         o.close(&self.other);
     }
 
@@ -482,7 +508,133 @@ impl HolderInfo {
             held_secs: take(&mut f, "held_secs"),
             token: take(&mut f, "token"),
             ttl_secs: take(&mut f, "ttl_secs"),
+            mode: take(&mut f, "mode"),
             other: f,
+        }
+    }
+}
+
+/// One connection queued for a lock, in [`LockInfo::waiters`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tcpnetlock::status::{Mode, WaiterInfo};
+///
+/// let waiter: WaiterInfo = serde_json::from_str(
+///     r#"{"client_id": "job-9", "peer": "127.0.0.1:50312", "waited_secs": 3.100,
+///         "left_secs": 26.900, "mode": "shared"}"#,
+/// )?;
+/// assert_eq!(waiter.mode, Some(Mode::Shared));
+/// assert_eq!(waiter.left(), Some(Duration::from_millis(26_900)));
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct WaiterInfo {
+    /// The `client-id` it asked with, if any.
+    pub client_id: Option<String>,
+    /// Its address as the server sees it.
+    pub peer: Option<String>,
+    /// Seconds since it joined the queue; see [`WaiterInfo::waited`].
+    pub waited_secs: Option<f64>,
+    /// Seconds until its wait runs out; see [`WaiterInfo::left`].
+    pub left_secs: Option<f64>,
+    /// The mode it asked for.
+    pub mode: Option<Mode>,
+    /// Keys this version does not know, and known keys whose value did not fit.
+    pub other: BTreeMap<String, Value>,
+}
+
+impl WaiterInfo {
+    /// [`waited_secs`](WaiterInfo::waited_secs) as a [`Duration`], saturating.
+    ///
+    /// ```
+    /// let mut waiter = tcpnetlock::status::WaiterInfo::default();
+    /// waiter.waited_secs = Some(2.5);
+    /// assert_eq!(waiter.waited(), Some(std::time::Duration::from_millis(2500)));
+    /// ```
+    pub fn waited(&self) -> Option<Duration> {
+        self.waited_secs.map(saturating_secs)
+    }
+
+    /// [`left_secs`](WaiterInfo::left_secs) as a [`Duration`], saturating.
+    ///
+    /// ```
+    /// let mut waiter = tcpnetlock::status::WaiterInfo::default();
+    /// waiter.left_secs = Some(-3.0);
+    /// assert_eq!(waiter.left(), Some(std::time::Duration::ZERO));
+    /// ```
+    pub fn left(&self) -> Option<Duration> {
+        self.left_secs.map(saturating_secs)
+    }
+
+    fn write_json(&self, out: &mut String) {
+        let mut o = Object::open(out);
+        o.text("client_id", self.client_id.as_deref());
+        o.text("peer", self.peer.as_deref());
+        o.secs("waited_secs", self.waited_secs);
+        o.secs("left_secs", self.left_secs);
+        o.text("mode", self.mode.map(Mode::as_str));
+        o.close(&self.other);
+    }
+
+    fn from_fields(mut f: Fields) -> WaiterInfo {
+        WaiterInfo {
+            client_id: take(&mut f, "client_id"),
+            peer: take(&mut f, "peer"),
+            waited_secs: take(&mut f, "waited_secs"),
+            left_secs: take(&mut f, "left_secs"),
+            mode: take(&mut f, "mode"),
+            other: f,
+        }
+    }
+}
+
+/// Reads any JSON object; fails only on something that is not an object.
+impl<'de> Deserialize<'de> for WaiterInfo {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<WaiterInfo, D::Error> {
+        Fields::deserialize(deserializer).map(WaiterInfo::from_fields)
+    }
+}
+
+/// How a lock is held or asked for: `"exclusive"` (a plain `lock`) or `"shared"` (`shared:1`).
+///
+/// ```
+/// use tcpnetlock::status::Mode;
+///
+/// let mode: Mode = serde_json::from_str(r#""shared""#)?;
+/// assert_eq!((mode, mode.as_str()), (Mode::Shared, "shared"));
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Mode {
+    Exclusive,
+    Shared,
+}
+
+impl Mode {
+    /// The word `.locks` uses.
+    ///
+    /// ```
+    /// assert_eq!(tcpnetlock::status::Mode::Exclusive.as_str(), "exclusive");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Exclusive => "exclusive",
+            Mode::Shared => "shared",
+        }
+    }
+}
+
+/// Reads `"exclusive"` or `"shared"`; another word is an error (and so, in a holder or waiter,
+/// kept in `other`).
+impl<'de> Deserialize<'de> for Mode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Mode, D::Error> {
+        match String::deserialize(deserializer)?.as_str() {
+            "exclusive" => Ok(Mode::Exclusive),
+            "shared" => Ok(Mode::Shared),
+            other => Err(de::Error::custom(format!("unknown mode {other:?}"))),
         }
     }
 }

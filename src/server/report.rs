@@ -1,8 +1,9 @@
 //! What the server reports about itself: `.stats` and `.locks` (0.1.8's keys first, then what
 //! an operator needs) and the one line `systemctl status` shows.
 
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
+
+use tcpnetlock::status::{HolderInfo, LockInfo, Locks, Mode, Stats, WaiterInfo};
 
 use super::{Server, locks};
 
@@ -14,73 +15,83 @@ impl Server {
             holders,
             waiting,
             counters: c,
-            ..
         } = self.locks.counts();
         let (threads, idle) = self.pool.size();
-        let mut json = String::with_capacity(640);
-        let _ = write!(
-            json,
-            "{{\"requests_count\": {}, \"lock_acquired_count\": {}, \
-             \"lock_not_acquired_count\": {}, \"lock_count\": {held}, \"maxrss\": {}, \
-             \"locks_held\": {held}, \"holders\": {holders}, \"waiting\": {waiting}, \
-             \"lock_released_count\": {}, \"granted_after_wait_count\": {}, \
-             \"wait_timeout_count\": {}, \"lease_expired_count\": {}, \
-             \"max_mismatch_count\": {}, \"connections\": {}, \
-             \"threads\": {threads}, \"threads_idle\": {idle}, \"uptime_secs\": {:.3}, \
-             \"log_lines_dropped\": {}, \"version\": \"{}\"}}",
-            self.requests.load(Ordering::Relaxed),
-            c.acquired,
-            c.not_acquired,
-            maxrss_kib(),
-            c.released,
-            c.granted_after_wait,
-            c.wait_timeouts,
-            c.expired,
-            c.max_mismatches,
-            self.open.load(Ordering::Relaxed),
-            self.started.elapsed().as_secs_f64(),
-            crate::log::dropped(),
-            env!("CARGO_PKG_VERSION"),
-        );
+        let mut s = Stats::default();
+        s.requests_count = Some(self.requests.load(Ordering::Relaxed));
+        s.lock_acquired_count = Some(c.acquired);
+        s.lock_not_acquired_count = Some(c.not_acquired);
+        s.maxrss = Some(maxrss_kib());
+        s.locks_held = Some(held as u64);
+        s.holders = Some(holders as u64);
+        s.waiting = Some(waiting as u64);
+        s.lock_released_count = Some(c.released);
+        s.granted_after_wait_count = Some(c.granted_after_wait);
+        s.wait_timeout_count = Some(c.wait_timeouts);
+        s.lease_expired_count = Some(c.expired);
+        s.max_mismatch_count = Some(c.max_mismatches);
+        s.connections = Some(self.open.load(Ordering::Relaxed) as u64);
+        s.threads = Some(threads as u64);
+        s.threads_idle = Some(idle as u64);
+        s.uptime_secs = Some(self.started.elapsed().as_secs_f64());
+        s.log_lines_dropped = Some(crate::log::dropped());
+        s.version = Some(env!("CARGO_PKG_VERSION").to_owned());
+        s.shared_granted_count = Some(c.shared_acquired);
+        let mut json = String::with_capacity(720);
+        s.write_json(&mut json);
         json
     }
 
-    /// `.locks`: every held name with its holders and queue length, sorted by name.
+    /// `.locks`: every held name, sorted, with its holders (longest held first) and its waiters
+    /// in queue order.
     pub fn locks_json(&self) -> String {
-        let locks = self.locks.snapshot();
-        let mut json = String::from("{");
-        for (i, lock) in locks.iter().enumerate() {
-            if i > 0 {
-                json.push_str(", ");
+        let mode = |shared| {
+            if shared {
+                Mode::Shared
+            } else {
+                Mode::Exclusive
             }
-            // Names, client-ids and addresses are from restricted alphabets: no escaping needed.
-            let _ = write!(
-                json,
-                "\"{}\": {{\"max\": {}, \"waiting\": {}, \"holders\": [",
-                lock.name,
-                lock.max,
-                lock.waiters.len()
-            );
-            for (j, h) in lock.holders.iter().enumerate() {
-                if j > 0 {
-                    json.push_str(", ");
-                }
-                let quoted = |v: Option<String>| v.map_or("null".into(), |v| format!("\"{v}\""));
-                let _ = write!(
-                    json,
-                    "{{\"client_id\": {}, \"peer\": {}, \"held_secs\": {:.3}, \"token\": {}, \
-                     \"ttl_secs\": {}}}",
-                    quoted(h.client_id.as_deref().map(str::to_owned)),
-                    quoted(h.peer.map(|p| p.to_string())),
-                    h.held_for.as_secs_f64(),
-                    h.token,
-                    h.ttl
-                        .map_or("null".into(), |t| format!("{:.3}", t.as_secs_f64())),
-                );
-            }
-            json.push_str("]}");
-        }
-        json.push('}');
+        };
+        let locks: Locks = self
+            .locks
+            .snapshot()
+            .into_iter()
+            .map(|l| {
+                let mut lock = LockInfo::new(l.name);
+                lock.max = Some(l.max);
+                lock.waiting = Some(l.waiters.len() as u64);
+                lock.holders = l
+                    .holders
+                    .into_iter()
+                    .map(|h| {
+                        let mut holder = HolderInfo::default();
+                        holder.client_id = h.client_id.as_deref().map(str::to_owned);
+                        holder.peer = h.peer.map(|p| p.to_string());
+                        holder.held_secs = Some(h.held_for.as_secs_f64());
+                        holder.token = Some(h.token);
+                        holder.ttl_secs = h.ttl.map(|t| t.as_secs_f64());
+                        holder.mode = Some(mode(h.shared));
+                        holder
+                    })
+                    .collect();
+                lock.waiters = l
+                    .waiters
+                    .into_iter()
+                    .map(|w| {
+                        let mut waiter = WaiterInfo::default();
+                        waiter.client_id = w.client_id.as_deref().map(str::to_owned);
+                        waiter.peer = w.peer.map(|p| p.to_string());
+                        waiter.waited_secs = Some(w.waited.as_secs_f64());
+                        waiter.left_secs = Some(w.left.as_secs_f64());
+                        waiter.mode = Some(mode(w.shared));
+                        waiter
+                    })
+                    .collect();
+                lock
+            })
+            .collect();
+        let mut json = String::with_capacity(64 + 160 * locks.len());
+        locks.write_json(&mut json);
         json
     }
 
@@ -100,7 +111,7 @@ impl Server {
 /// Not `ru_maxrss`, which 0.1.8 reported: Linux carries it across exec, so a server started by a
 /// launcher that once used 200 MB reported that launcher's peak. Without /proc, `ru_maxrss` is
 /// the fallback: never less than the truth.
-fn maxrss_kib() -> i64 {
+fn maxrss_kib() -> u64 {
     let hwm = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
@@ -121,5 +132,5 @@ fn maxrss_kib() -> i64 {
         return 0;
     }
     // SAFETY: getrusage succeeded, so the struct is initialised.
-    unsafe { usage.assume_init() }.ru_maxrss
+    u64::try_from(unsafe { usage.assume_init() }.ru_maxrss).unwrap_or(0)
 }

@@ -40,11 +40,12 @@ struct ServerStats {
     uptime: Duration,
     dropped: u64,
     version: &'static str,
+    shared: u64,
 }
 
-/// The server's writer before these types, copied from `Server::stats_json` (src/server/mod.rs):
-/// the bytes scripts see today.
-fn todays_stats(s: &ServerStats) -> String {
+/// The server's writer of 0.2.0, before these types, copied from `Server::stats_json`: the bytes
+/// scripts saw then. Keys added since come after them (see `stats_bytes_only_grow`).
+fn stats_0_2_0(s: &ServerStats) -> String {
     let mut json = String::with_capacity(640);
     let _ = write!(
         json,
@@ -99,6 +100,7 @@ fn typed_stats(s: &ServerStats) -> Stats {
     t.uptime_secs = Some(s.uptime.as_secs_f64());
     t.log_lines_dropped = Some(s.dropped);
     t.version = Some(s.version.to_owned());
+    t.shared_granted_count = Some(s.shared);
     t
 }
 
@@ -123,6 +125,7 @@ fn server_stats_samples() -> Vec<ServerStats> {
             uptime: Duration::ZERO,
             dropped: 0,
             version: "0.2.0",
+            shared: 0,
         },
         ServerStats {
             requests: 12,
@@ -143,6 +146,7 @@ fn server_stats_samples() -> Vec<ServerStats> {
             uptime: Duration::from_millis(81_250),
             dropped: 0,
             version: "0.2.0",
+            shared: 3,
         },
         ServerStats {
             requests: u64::MAX,
@@ -164,14 +168,21 @@ fn server_stats_samples() -> Vec<ServerStats> {
             uptime: Duration::new(365 * 86_400, 400_000),
             dropped: 123_456,
             version: "0.2.0-rc.1+build.7",
+            shared: u64::MAX,
         },
     ]
 }
 
+/// 0.2.0's bytes stay where they were; `shared_granted_count` (0.3) follows them.
 #[test]
-fn stats_bytes_are_those_the_server_writes_today() {
+fn stats_bytes_only_grow() {
     for sample in server_stats_samples() {
-        let today = todays_stats(&sample);
+        let old = stats_0_2_0(&sample);
+        let today = format!(
+            "{}, \"shared_granted_count\": {}}}",
+            old.strip_suffix('}').unwrap(),
+            sample.shared
+        );
         let typed = typed_stats(&sample);
         assert_eq!(stats_json(&typed), today);
         // And back: what was written reads as what was meant.
@@ -191,6 +202,16 @@ struct ServerHolder {
     held_for: Duration,
     token: u64,
     ttl: Option<Duration>,
+    shared: bool,
+}
+
+/// A waiter as the server's table describes it (table::WaiterInfo).
+struct ServerWaiter {
+    client_id: Option<&'static str>,
+    peer: Option<SocketAddr>,
+    waited: Duration,
+    left: Duration,
+    shared: bool,
 }
 
 /// A held name as the server's table describes it (table::LockInfo).
@@ -198,11 +219,14 @@ struct ServerLock {
     name: &'static str,
     max: u32,
     holders: Vec<ServerHolder>,
-    waiting: usize,
+    waiters: Vec<ServerWaiter>,
 }
 
-/// The server's writer before these types, copied from `Server::locks_json`.
-fn todays_locks(locks: &[ServerLock]) -> String {
+/// The server's writer of 0.2.0, copied from `Server::locks_json`, with what 0.3 adds after
+/// each object's old keys, marked: a holder's `mode`, a lock's `waiters`. Everything 0.2.0
+/// wrote keeps its bytes and its place.
+fn locks_0_2_0_and_after(locks: &[ServerLock]) -> String {
+    let mode = |shared| if shared { "shared" } else { "exclusive" };
     let mut json = String::from("{");
     for (i, lock) in locks.iter().enumerate() {
         if i > 0 {
@@ -211,7 +235,9 @@ fn todays_locks(locks: &[ServerLock]) -> String {
         let _ = write!(
             json,
             "\"{}\": {{\"max\": {}, \"waiting\": {}, \"holders\": [",
-            lock.name, lock.max, lock.waiting
+            lock.name,
+            lock.max,
+            lock.waiters.len()
         );
         for (j, h) in lock.holders.iter().enumerate() {
             if j > 0 {
@@ -221,13 +247,34 @@ fn todays_locks(locks: &[ServerLock]) -> String {
             let _ = write!(
                 json,
                 "{{\"client_id\": {}, \"peer\": {}, \"held_secs\": {:.3}, \"token\": {}, \
-                 \"ttl_secs\": {}}}",
+                 \"ttl_secs\": {}",
                 quoted(h.client_id.map(str::to_owned)),
                 quoted(h.peer.map(|p| p.to_string())),
                 h.held_for.as_secs_f64(),
                 h.token,
                 h.ttl
                     .map_or("null".into(), |t| format!("{:.3}", t.as_secs_f64())),
+            );
+            // 0.3:
+            let _ = write!(json, ", \"mode\": \"{}\"}}", mode(h.shared));
+        }
+        json.push(']');
+        // 0.3:
+        json.push_str(", \"waiters\": [");
+        for (j, w) in lock.waiters.iter().enumerate() {
+            if j > 0 {
+                json.push_str(", ");
+            }
+            let quoted = |v: Option<String>| v.map_or("null".into(), |v| format!("\"{v}\""));
+            let _ = write!(
+                json,
+                "{{\"client_id\": {}, \"peer\": {}, \"waited_secs\": {:.3}, \"left_secs\": {:.3}, \
+                 \"mode\": \"{}\"}}",
+                quoted(w.client_id.map(str::to_owned)),
+                quoted(w.peer.map(|p| p.to_string())),
+                w.waited.as_secs_f64(),
+                w.left.as_secs_f64(),
+                mode(w.shared),
             );
         }
         json.push_str("]}");
@@ -238,12 +285,19 @@ fn todays_locks(locks: &[ServerLock]) -> String {
 
 /// What `Server::locks_json` is to build from the table's snapshot.
 fn typed_locks(locks: &[ServerLock]) -> Locks {
+    let mode = |shared| {
+        Some(if shared {
+            Mode::Shared
+        } else {
+            Mode::Exclusive
+        })
+    };
     locks
         .iter()
         .map(|l| {
             let mut lock = LockInfo::new(l.name);
             lock.max = Some(l.max);
-            lock.waiting = Some(l.waiting as u64);
+            lock.waiting = Some(l.waiters.len() as u64);
             lock.holders = l
                 .holders
                 .iter()
@@ -254,12 +308,36 @@ fn typed_locks(locks: &[ServerLock]) -> Locks {
                     holder.held_secs = Some(h.held_for.as_secs_f64());
                     holder.token = Some(h.token);
                     holder.ttl_secs = h.ttl.map(|t| t.as_secs_f64());
+                    holder.mode = mode(h.shared);
                     holder
+                })
+                .collect();
+            lock.waiters = l
+                .waiters
+                .iter()
+                .map(|w| {
+                    let mut waiter = WaiterInfo::default();
+                    waiter.client_id = w.client_id.map(str::to_owned);
+                    waiter.peer = w.peer.map(|p| p.to_string());
+                    waiter.waited_secs = Some(w.waited.as_secs_f64());
+                    waiter.left_secs = Some(w.left.as_secs_f64());
+                    waiter.mode = mode(w.shared);
+                    waiter
                 })
                 .collect();
             lock
         })
         .collect()
+}
+
+fn waiter(id: Option<&'static str>, peer: &str, shared: bool) -> ServerWaiter {
+    ServerWaiter {
+        client_id: id,
+        peer: Some(peer.parse().unwrap()),
+        waited: Duration::from_millis(3_100),
+        left: Duration::from_millis(26_900),
+        shared,
+    }
 }
 
 fn holder(id: Option<&'static str>, peer: &str, token: u64, ttl: Option<u64>) -> ServerHolder {
@@ -269,6 +347,7 @@ fn holder(id: Option<&'static str>, peer: &str, token: u64, ttl: Option<u64>) ->
         held_for: Duration::from_millis(12_402),
         token,
         ttl: ttl.map(Duration::from_secs),
+        shared: false,
     }
 }
 
@@ -287,6 +366,7 @@ fn server_locks_samples() -> Vec<Vec<ServerLock>> {
             held_for: Duration::from_micros(1_000_000 * i + 999_500),
             token: 1_764_154_800_123_457 + i,
             ttl: (i % 3 == 0).then(|| Duration::from_millis(30_000 + i)),
+            shared: false,
         })
         .collect();
     vec![
@@ -294,7 +374,10 @@ fn server_locks_samples() -> Vec<Vec<ServerLock>> {
         vec![ServerLock {
             name: "django-migrations",
             max: 1,
-            waiting: 2,
+            waiters: vec![
+                waiter(Some("pod-8"), "10.0.3.18:41000", false),
+                waiter(None, "[::1]:7", true),
+            ],
             holders: vec![holder(
                 Some("pod-7"),
                 "10.0.3.17:41822",
@@ -306,7 +389,7 @@ fn server_locks_samples() -> Vec<Vec<ServerLock>> {
             ServerLock {
                 name: "A-z_0-9",
                 max: 65_535,
-                waiting: 0,
+                waiters: vec![],
                 holders: vec![
                     holder(None, "[::1]:9", u64::MAX, Some(30)),
                     holder(None, "[fe80::1%2]:65535", 0, Some(1)),
@@ -316,13 +399,14 @@ fn server_locks_samples() -> Vec<Vec<ServerLock>> {
                         held_for: Duration::MAX,
                         token: 1 << 53 | 1,
                         ttl: Some(Duration::from_nanos(1)),
+                        shared: true,
                     },
                 ],
             },
             ServerLock {
                 name: "semaphore",
                 max: 300,
-                waiting: usize::MAX,
+                waiters: (0..50).map(|_| waiter(None, "10.9.9.9:9", false)).collect(),
                 holders: many,
             },
         ],
@@ -330,9 +414,9 @@ fn server_locks_samples() -> Vec<Vec<ServerLock>> {
 }
 
 #[test]
-fn locks_bytes_are_those_the_server_writes_today() {
+fn locks_bytes_only_grow() {
     for sample in server_locks_samples() {
-        let today = todays_locks(&sample);
+        let today = locks_0_2_0_and_after(&sample);
         let typed = typed_locks(&sample);
         assert_eq!(locks_json(&typed), today);
         let read: Locks = serde_json::from_str(&today).unwrap();
@@ -361,9 +445,10 @@ fn what_is_written_reads_back_the_same() {
     weird.held_secs = Some(0.001);
     weird.token = Some(u64::MAX);
     weird.ttl_secs = Some(86_400.5);
+    weird.mode = Some(Mode::Shared);
     weird
         .other
-        .insert("mode".into(), serde_json::json!("shared"));
+        .insert("server".into(), serde_json::json!("tnl-2"));
     weird.other.insert(
         "\u{1}odd key\"".into(),
         serde_json::json!({"nested": [1, -2, 0.5, null]}),
@@ -372,9 +457,14 @@ fn what_is_written_reads_back_the_same() {
     lock.max = Some(u32::MAX);
     lock.waiting = Some(u64::MAX);
     lock.holders = vec![weird, HolderInfo::default()];
+    let mut w = WaiterInfo::default();
+    w.client_id = Some("w".into());
+    w.waited_secs = Some(1.5);
+    w.other.insert("position".into(), 1.into());
+    lock.waiters = vec![w, WaiterInfo::default()];
     lock.other.insert(
-        "waiters".into(),
-        serde_json::json!([{"client_id": "w", "waited_secs": 1.5}]),
+        "servers".into(),
+        serde_json::json!([{"name": "tnl-1", "holders": 3}]),
     );
     let mut empty = LockInfo::new("");
     empty.max = Some(1);
@@ -425,7 +515,7 @@ fn seconds_json_cannot_hold_are_null() {
     let json = locks_json(&[lock].into_iter().collect());
     assert_eq!(
         json,
-        r#"{"a": {"max": null, "waiting": null, "holders": [{"client_id": null, "peer": null, "held_secs": null, "token": null, "ttl_secs": null}]}}"#
+        r#"{"a": {"max": null, "waiting": null, "holders": [{"client_id": null, "peer": null, "held_secs": null, "token": null, "ttl_secs": null, "mode": null}], "waiters": []}}"#
     );
     let mut stats = Stats::default();
     stats.uptime_secs = Some(f64::NEG_INFINITY);
