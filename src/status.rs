@@ -266,7 +266,7 @@ impl Locks {
     /// Locks::from_iter([lock]).write_json(&mut json);
     /// assert_eq!(
     ///     json,
-    ///     r#"{"a": {"max": 1, "waiting": 0, "holders": [{"client_id": null, "peer": "127.0.0.1:5", "held_secs": 1.250, "token": 17, "ttl_secs": null}]}}"#
+    ///     r#"{"a": {"max": 1, "waiting": 0, "holders": [{"client_id": null, "peer": "127.0.0.1:5", "held_secs": 1.250, "token": 17, "ttl_secs": null, "mode": null}], "waiters": []}}"#
     /// );
     /// ```
     pub fn write_json(&self, out: &mut String) {
