@@ -290,7 +290,7 @@ fn vanished_holder_is_dropped_within_the_keepalive_bound() {
     assert!(
         server
             .log_text()
-            .contains("dead peers dropped after 4s (TCP keepalive 1s + 3 x 1s)"),
+            .contains("dead peers dropped within 4s (TCP keepalive idle at most 1s + 3 x 1s)"),
         "{}",
         server.log_text()
     );
@@ -333,7 +333,8 @@ fn vanished_holder_default_bound_40s() {
         let took = cut_holder_off(&link, &server, 90, bound + Duration::from_secs(20));
         eprintln!("vanished holder (default bound 40 s): waiter granted {took:?} after the cut");
         // The slack is wider here: the kernel's timer wheel rounds a 20 s timer up by as much as
-        // 2 s (HZ=250), each 5 s one by up to 256 ms. Measured: 41.2 s and 41.6 s.
+        // 2 s (HZ=250), each 5 s one by up to 256 ms. Measured: 41.2 s and 41.6 s; 36.7 s since
+        // each connection has an idle time of its own (its last probe is then at 35-40 s).
         check_timing(
             took,
             Duration::from_secs(20),

@@ -273,7 +273,7 @@ fn flags_at_their_bounds_are_accepted() {
     ] {
         let s = Server::start(args);
         assert!(
-            s.log_text().contains("dead peers dropped after"),
+            s.log_text().contains("dead peers dropped within"),
             "{args:?}: {}",
             s.log_text()
         );

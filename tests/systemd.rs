@@ -190,7 +190,7 @@ fn keepalive_of_a_systemd_socket_is_kept_unless_flags_say_otherwise() {
     let s = spawn_with_passed_socket(&l, "");
     assert!(
         s.log_text()
-            .contains("dead peers dropped after 15s (TCP keepalive 9s + 2 x 3s)"),
+            .contains("dead peers dropped within 15s (TCP keepalive idle at most 9s + 2 x 3s)"),
         "{}",
         s.log_text()
     );
@@ -202,7 +202,7 @@ fn keepalive_of_a_systemd_socket_is_kept_unless_flags_say_otherwise() {
     let s = spawn_with_passed_socket(&l, "--keepalive-time 30");
     assert!(
         s.log_text()
-            .contains("dead peers dropped after 50s (TCP keepalive 30s + 4 x 5s)"),
+            .contains("dead peers dropped within 50s (TCP keepalive idle at most 30s + 4 x 5s)"),
         "{}",
         s.log_text()
     );

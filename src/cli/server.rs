@@ -52,8 +52,9 @@ pub struct ServerArgs {
           value_parser = secs_between(Duration::from_millis(1), MAX_REQUEST_TIMEOUT))]
     request_timeout: Duration,
 
-    /// Idle seconds before TCP keepalive probes a connection (1 to 32767) [default: 20]; 0 turns
-    /// keepalive off. A vanished peer is dropped after time + interval × probes (default 40 s).
+    /// Longest idle seconds before TCP keepalive probes a connection (1 to 32767) [default: 20]:
+    /// each holder gets its own, from a quarter of it to all of it; 0 turns keepalive off. A
+    /// vanished peer is dropped within time + interval × probes (default 40 s).
     /// Without these flags, sockets passed by systemd with KeepAlive=yes keep the unit's timings.
     #[arg(long, value_name = "SECS",
           value_parser = whole_secs_between(0, MAX_KEEPALIVE_SECS))]

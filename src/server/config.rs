@@ -24,7 +24,7 @@ pub struct Config {
 }
 
 /// TCP keepalive unless flags or the systemd socket unit say otherwise: a vanished peer is
-/// dropped after 20 + 4 × 5 = 40 s.
+/// dropped within 20 + 4 × 5 = 40 s.
 pub const DEFAULT_KEEPALIVE: Keepalive = Keepalive {
     time: Duration::from_secs(20),
     interval: Duration::from_secs(5),

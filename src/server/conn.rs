@@ -162,6 +162,7 @@ impl<'a> Session<'a> {
                 return None;
             }
         }
+        super::listen::spread_keepalive(link.stream(), id.0);
         Some(Session {
             server,
             link,

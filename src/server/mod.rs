@@ -86,7 +86,7 @@ impl Server {
             let addr = listener.local_addr()?;
             match k {
                 Some(k) => info!(
-                    "{addr}: dead peers dropped after {}s (TCP keepalive {}s + {} x {}s)",
+                    "{addr}: dead peers dropped within {}s (TCP keepalive idle at most {}s + {} x {}s)",
                     k.bound().as_secs(),
                     k.time.as_secs(),
                     k.probes,

@@ -33,7 +33,7 @@ check "no new privileges" grep -q '^NoNewPrivs:[[:space:]]*1' /proc/"$pid"/statu
 check "its log is in the journal" \
     grep -q "serving 127.0.0.1:7654 (socket passed by systemd)" <<<"$(journalctl -u tcpnetlock.service -o cat)"
 check "the keepalive of the socket unit is in force" \
-    grep -q "dead peers dropped after 40s" <<<"$(journalctl -u tcpnetlock.service -o cat)"
+    grep -q "dead peers dropped within 40s" <<<"$(journalctl -u tcpnetlock.service -o cat)"
 
 # Restart: the holder's connection ends (its lock with it), the socket keeps accepting.
 systemctl restart tcpnetlock.service
