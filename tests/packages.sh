@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Checks what packaging/build wrote into dist/: package contents, maintainer scripts, the units
 # (systemd-analyze verify and security rating), the .deb installed and purged with dpkg on this
-# machine, the .rpm inspected with rpm, and the static binary serving locks from an empty root.
+# machine, the .rpm inspected with rpm, lintian and rpmlint with no finding beyond the documented
+# overrides (packaging/deb/lintian-overrides, packaging/rpm/rpmlintrc), and the static binary
+# serving locks from an empty root.
 #
 #   bash packaging/build && bash tests/packages.sh
 #
@@ -59,6 +61,11 @@ for want in \
     "-rw-r--r-- ./lib/systemd/system/tcpnetlock.service" \
     "-rw-r--r-- ./usr/share/man/man1/tcpnetlock.1.gz" \
     "-rw-r--r-- ./usr/share/man/man1/tcpnetlock-server.1.gz" \
+    "-rw-r--r-- ./usr/share/man/man1/tcpnetlock_server.1.gz" \
+    "-rw-r--r-- ./usr/share/man/man1/tcpnetlock_client.1.gz" \
+    "-rw-r--r-- ./usr/share/man/man1/tcpnetlock_do.1.gz" \
+    "-rw-r--r-- ./usr/share/doc/tcpnetlock/changelog.Debian.gz" \
+    "-rw-r--r-- ./usr/share/lintian/overrides/tcpnetlock" \
     "-rw-r--r-- ./usr/share/bash-completion/completions/tcpnetlock" \
     "-rw-r--r-- ./usr/share/zsh/vendor-completions/_tcpnetlock" \
     "-rw-r--r-- ./usr/share/fish/vendor_completions.d/tcpnetlock.fish" \
@@ -66,13 +73,25 @@ for want in \
     "-rw-r--r-- ./usr/share/doc/tcpnetlock/copyright"; do
     grep -qxF -- "$want" <<<"$contents" || fail ".deb lacks: $want"
 done
-pass ".deb contents"
+# Every name in /usr/bin has its own page (Debian policy 12.1), gzipped as the packages ship them.
+for bin in $(awk '$2 ~ /^\.\/usr\/bin\/./ {sub(/^\.\/usr\/bin\//, "", $2); print $2}' <<<"$contents"); do
+    grep -qxF -- "-rw-r--r-- ./usr/share/man/man1/$bin.1.gz" <<<"$contents" || fail ".deb: no man page for /usr/bin/$bin"
+done
+[ -z "$(grep -E '^[^d].* \./usr/share/man/.*[^z]$' <<<"$contents" || true)" ] || fail ".deb: a man page is not gzipped"
+# Nothing to depend on (a static binary; deb-systemd-helper is in an essential package): no
+# field at all rather than an empty one.
+dpkg-deb -f "$deb" | grep -q '^Depends:' && fail ".deb has a Depends field: $(dpkg-deb -f "$deb" Depends)"
+[ "$(dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/share/doc/tcpnetlock/changelog.Debian.gz | gunzip)" \
+    = "$(cat packaging/changelog)" ] || fail ".deb changelog differs from packaging/changelog"
+pass ".deb contents (a man page per command name, changelog, no empty Depends)"
 scripts=$(mktemp -d)
 dpkg-deb -e "$deb" "$scripts"
 grep -q "deb-systemd-helper enable tcpnetlock.socket" "$scripts/postinst" || fail "postinst does not enable the socket"
 grep -q "deb-systemd-invoke start tcpnetlock.socket" "$scripts/postinst" || fail "postinst does not start the socket"
 grep -q "deb-systemd-invoke stop tcpnetlock.socket tcpnetlock.service" "$scripts/prerm" || fail "prerm does not stop"
 grep -q "deb-systemd-helper purge tcpnetlock.socket" "$scripts/postrm" || fail "postrm does not purge"
+grep -l "#DEBHELPER#" "$scripts"/* && fail "a maintainer script has an unexpanded #DEBHELPER#"
+[ -s "$scripts/md5sums" ] || fail ".deb has no md5sums"
 rm -rf "$scripts"
 pass ".deb maintainer scripts"
 
@@ -80,7 +99,11 @@ dpkg -i "$deb" >/dev/null
 [ "$(/usr/bin/tcpnetlock --version)" = "tcpnetlock $version" ] || fail "installed binary: $(/usr/bin/tcpnetlock --version)"
 [ "$(readlink /usr/bin/tcpnetlock_do)" = tcpnetlock ] || fail "drop-in symlink missing"
 [ -f /lib/systemd/system/tcpnetlock.socket ] || fail "socket unit not installed"
-man -w tcpnetlock >/dev/null || fail "man page not found by man"
+for name in tcpnetlock tcpnetlock-server tcpnetlock_server tcpnetlock_client tcpnetlock_do; do
+    man -w "$name" >/dev/null || fail "man page $name not found by man"
+done
+out=$(dpkg --verify tcpnetlock 2>&1) || fail "dpkg --verify: $out"
+[ -z "$out" ] || fail "dpkg --verify is not clean: $out"
 [ -L /etc/systemd/system/sockets.target.wants/tcpnetlock.socket ] || fail "socket not enabled on install"
 # verify as installed: ExecStart exists, and Documentation=man:tcpnetlock(1) resolves.
 out=$(systemd-analyze verify tcpnetlock.socket tcpnetlock.service 2>&1) || fail "systemd-analyze verify: $out"
@@ -92,24 +115,49 @@ left=$(ls -d /usr/bin/tcpnetlock* /lib/systemd/system/tcpnetlock* /usr/share/man
     /var/lib/systemd/deb-systemd-helper-*/*tcpnetlock* /var/lib/systemd/deb-systemd-helper-*/*/*tcpnetlock* \
     2>/dev/null || true)
 [ -z "$left" ] || fail "left behind after purge: $left"
-pass ".deb installs (binary, drop-in names, units, man page, socket enabled) and purges clean"
+pass ".deb installs (binary, drop-in names, units, man pages, socket enabled, dpkg --verify) and purges clean"
 
 # --- .rpm -------------------------------------------------------------------------------------
 files=$(rpm -qlp "$rpm")
-for want in /usr/bin/tcpnetlock /usr/lib/systemd/system/tcpnetlock.socket \
-    /usr/lib/systemd/system/tcpnetlock.service /usr/share/man/man1/tcpnetlock.1 \
-    /usr/share/man/man1/tcpnetlock-server.1 /usr/share/bash-completion/completions/tcpnetlock \
+for want in /usr/bin/tcpnetlock /usr/bin/tcpnetlock_server /usr/bin/tcpnetlock_client \
+    /usr/bin/tcpnetlock_do /usr/lib/systemd/system/tcpnetlock.socket \
+    /usr/lib/systemd/system/tcpnetlock.service /usr/share/bash-completion/completions/tcpnetlock \
     /usr/share/zsh/site-functions/_tcpnetlock /usr/share/fish/vendor_completions.d/tcpnetlock.fish \
-    /usr/share/doc/tcpnetlock/README.md /usr/share/licenses/tcpnetlock/LICENSE; do
+    /usr/share/man/man1/tcpnetlock-server.1.gz /usr/share/doc/tcpnetlock/README.md \
+    /usr/share/licenses/tcpnetlock/LICENSE; do
     grep -qxF "$want" <<<"$files" || fail ".rpm lacks $want"
 done
+# rpmlint 2.4 cannot check this (see packaging/rpm/rpmlintrc): every name in /usr/bin has its page.
+for bin in $(sed -n 's|^/usr/bin/||p' <<<"$files"); do
+    grep -qxF "/usr/share/man/man1/$bin.1.gz" <<<"$files" || fail ".rpm: no man page for /usr/bin/$bin"
+done
+[ -z "$(grep '^/usr/share/man/.*[^z]$' <<<"$files" || true)" ] || fail ".rpm: a man page is not gzipped"
 [ "$(rpm -qp --qf '%{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}' "$rpm")" = "tcpnetlock-$version-1.x86_64" ] \
     || fail ".rpm name/version"
+maintainer=$(sed -n 's/^maintainer = "\(.*\)"/\1/p' Cargo.toml)
+[ "$(rpm -qp --qf '%{PACKAGER}' "$rpm")" = "$maintainer" ] || fail ".rpm Packager is not Cargo.toml's maintainer"
+[ "$(rpm -qp --qf '%{GROUP}' "$rpm")" = "System Environment/Daemons" ] || fail ".rpm Group"
+rpm -qp --changelog "$rpm" | head -n 1 | grep -q " - $version-1\$" \
+    || fail ".rpm %changelog does not start with $version-1: $(rpm -qp --changelog "$rpm" | head -n 1)"
 rscripts=$(rpm -qp --scripts "$rpm")
 grep -q "systemctl --no-reload preset tcpnetlock.socket" <<<"$rscripts" || fail ".rpm %post does not preset the socket"
 grep -q "disable --now tcpnetlock.socket tcpnetlock.service" <<<"$rscripts" || fail ".rpm %preun does not stop"
-grep -q "ln -sf tcpnetlock /usr/bin/\$name" <<<"$rscripts" || fail ".rpm %post does not make the drop-in names"
 rpm -qp --qf '[%{FILEMODES:perms} %{FILENAMES}\n]' "$rpm" | grep -qx -- "-rwxr-xr-x /usr/bin/tcpnetlock" \
     || fail ".rpm binary mode"
-pass ".rpm contents and scriptlets"
+[ "$(rpm -qp --qf '[%{FILENAMES} -> %{FILELINKTOS}\n]' "$rpm" | grep -c ' -> tcpnetlock$')" = 3 ] \
+    || fail ".rpm: the three drop-in names are not symlinks to tcpnetlock"
+pass ".rpm contents, tags, changelog and scriptlets"
+
+# --- linters ----------------------------------------------------------------------------------
+# Any finding fails, and so does an override or filter that no longer matches anything (lintian
+# reports it as info, rpmlint as an error), so none outlives its reason.
+echo "packages: $(lintian --version), rpmlint $(rpmlint --version)"
+out=$(lintian --fail-on error,warning --display-info "$deb" 2>&1) || fail "lintian: $out"
+bad=$(grep -E '^[EW]: |unused-override|mismatched-override' <<<"$out" || true)
+[ -z "$bad" ] || fail "lintian: $bad"
+pass "lintian: no error or warning, $(grep -c '^tcpnetlock: ' packaging/deb/lintian-overrides) documented overrides (packaging/deb/lintian-overrides)"
+out=$(rpmlint -c packaging/rpm/rpmlint.toml -r packaging/rpm/rpmlintrc "$rpm" 2>&1) \
+    || fail "rpmlint: $out"
+grep -q " 0 errors, 0 warnings" <<<"$out" || fail "rpmlint: $out"
+pass "rpmlint: no error or warning, $(grep -c '^addFilter' packaging/rpm/rpmlintrc) documented filters (packaging/rpm/rpmlintrc)"
 echo "packages: all checks passed"

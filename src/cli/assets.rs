@@ -1,14 +1,18 @@
-//! Writes the man pages and shell completions from the clap definition, for packaging:
+//! Writes the man pages and shell completions from the clap definitions, for packaging:
 //!
 //! ```text
 //! cargo run --features assets -- __assets OUT_DIR
 //! ```
 //!
-//! OUT_DIR/man/tcpnetlock.1 and one page per subcommand (tcpnetlock-server.1, ...), and
+//! OUT_DIR/man/: tcpnetlock.1, one page per subcommand (tcpnetlock-server.1, ...) and one per
+//! drop-in name (tcpnetlock_server.1, tcpnetlock_client.1, tcpnetlock_do.1: each name on the
+//! system gets its own page, as Debian policy asks, made from the flags that name accepts).
 //! OUT_DIR/completions/{tcpnetlock.bash,_tcpnetlock,tcpnetlock.fish}. Built only with the
 //! `assets` feature, so clap_mangen and clap_complete never reach the shipped program.
+//! packaging/build gzips the pages.
 
 use std::fs;
+use std::io::Write;
 use std::path::Path;
 
 use clap::CommandFactory;
@@ -23,7 +27,14 @@ pub fn main(out: &Path) -> std::io::Result<()> {
 
     let mut cmd = super::Cli::command();
     cmd.build();
-    write_man(&cmd, "tcpnetlock", &man)?;
+    // The main page lists the subcommands' pages already; it points to the drop-in names'.
+    let dropins: Vec<String> = super::dropin::commands()
+        .iter()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    let dropins: Vec<&str> = dropins.iter().map(String::as_str).collect();
+    write_man(&cmd, "tcpnetlock", &dropins, &man)?;
+
     for sub in cmd
         .get_subcommands()
         .filter(|s| !s.is_hide_set() && s.get_name() != "help")
@@ -31,7 +42,19 @@ pub fn main(out: &Path) -> std::io::Result<()> {
         let name = format!("tcpnetlock-{}", sub.get_name());
         // clap keeps names as &'static str; this program ends right after.
         let sub = sub.clone().name(&*Box::leak(name.clone().into_boxed_str()));
-        write_man(&sub, &name, &man)?;
+        write_man(&sub, &name, &["tcpnetlock"], &man)?;
+    }
+
+    for dropin in super::dropin::commands() {
+        let name = dropin.get_name().to_owned();
+        // Each name's modern form: tcpnetlock_server is `tcpnetlock server`, tcpnetlock_do
+        // is `tcpnetlock do`, tcpnetlock_client is closest to `tcpnetlock lock`.
+        let modern = match name.as_str() {
+            "tcpnetlock_server" => "tcpnetlock-server",
+            "tcpnetlock_do" => "tcpnetlock-do",
+            _ => "tcpnetlock-lock",
+        };
+        write_man(&dropin, &name, &["tcpnetlock", modern], &man)?;
     }
 
     for (shell, file) in [
@@ -45,8 +68,26 @@ pub fn main(out: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn write_man(cmd: &clap::Command, name: &str, dir: &Path) -> std::io::Result<()> {
+/// Writes `dir/name.1`: clap_mangen's page, then SEE ALSO naming the related pages (section 1).
+fn write_man(
+    cmd: &clap::Command,
+    name: &str,
+    see_also: &[&str],
+    dir: &Path,
+) -> std::io::Result<()> {
     let mut page = Vec::new();
-    clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+    // Every page's footer names the package and version, the drop-in pages' too (their
+    // commands carry no version of their own).
+    clap_mangen::Man::new(cmd.clone())
+        .source(format!("tcpnetlock {}", env!("CARGO_PKG_VERSION")))
+        .render(&mut page)?;
+    if !see_also.is_empty() {
+        let refs: Vec<String> = see_also
+            .iter()
+            // roff: \fB bold \fR roman; a '-' in a name is the hyphen \-.
+            .map(|n| format!("\\fB{}\\fR(1)", n.replace('-', "\\-")))
+            .collect();
+        writeln!(page, ".SH \"SEE ALSO\"\n{}", refs.join(",\n"))?;
+    }
     fs::write(dir.join(format!("{name}.1")), page)
 }

@@ -36,15 +36,24 @@ use tcpnetlock::client;
     name = "tcpnetlock_server",
     infer_long_args = true,
     args_override_self = true,
-    about = "tcpnetlock server (0.1.8's command line)"
+    about = "tcpnetlock server (0.1.8's command line)",
+    long_about = "The lock server as tcpnetlock 0.1.8's tcpnetlock_server ran it: on the first \
+IPv4 address of --listen, logging to stderr. This is the tcpnetlock binary called by this name \
+(a symlink); `tcpnetlock server` has every option.\n\n\
+Exits 2 when it cannot bind (with 0.1.8's message: [Errno 98] Address already in use), 3 when \
+it fails while serving."
 )]
 struct ServerArgs {
+    /// Host name or address to listen on (its first IPv4 address).
     #[arg(long, default_value = "localhost")]
     listen: String,
+    /// Port to listen on.
     #[arg(long, default_value_t = client::DEFAULT_PORT)]
     port: u16,
+    /// Log start-up and shutdown too (warnings only by default).
     #[arg(long)]
     info: bool,
+    /// Log every request and decision too.
     #[arg(long)]
     debug: bool,
 }
@@ -92,20 +101,32 @@ pub fn server(argv: Vec<OsString>) -> Result<u8, Fail> {
     name = "tcpnetlock_client",
     infer_long_args = true,
     args_override_self = true,
-    about = "Take a lock and hold it until killed (0.1.8's command line)"
+    about = "Take a lock and hold it until killed (0.1.8's command line)",
+    long_about = "Takes the lock LOCK_NAME and holds it until killed or until the connection is \
+lost, as tcpnetlock 0.1.8's tcpnetlock_client did. This is the tcpnetlock binary called by this \
+name (a symlink).\n\n\
+Exits 2 when the connection is refused, 3 when it fails otherwise, 4 on other errors and on \
+Ctrl-C (the lock is released), 122 when the connection is lost while holding the lock, 123 when \
+the lock is not granted. SIGTERM ends it by the signal."
 )]
 struct ClientArgs {
+    /// Name of the lock to take.
     lock_name: String,
     #[command(flatten)]
     server: ServerAddr,
+    /// Client id the server shows for this holder.
     #[arg(long, env = "TCPNETLOCK_CLIENT_ID")]
     client_id: Option<String>,
+    /// Send the protocol's .keepalive while holding the lock.
     #[arg(long)]
     keep_alive: bool,
+    /// Seconds between keepalives.
     #[arg(long, default_value = "15", value_parser = parse_bounded_secs)]
     keep_alive_secs: Duration,
+    /// Say on stderr when the lock is granted.
     #[arg(long)]
     info: bool,
+    /// As --info.
     #[arg(long)]
     debug: bool,
 }
@@ -189,6 +210,17 @@ struct DropinDoArgs {
 
 pub fn run(argv: Vec<OsString>) -> Result<u8, Fail> {
     super::r#do::run(DropinDoArgs::parse_from(argv).args)
+}
+
+/// The three command lines, for their man pages (cli/assets.rs).
+#[cfg(feature = "assets")]
+pub fn commands() -> [clap::Command; 3] {
+    use clap::CommandFactory;
+    [
+        ServerArgs::command(),
+        ClientArgs::command(),
+        DropinDoArgs::command(),
+    ]
 }
 
 #[cfg(test)]
