@@ -408,11 +408,13 @@ unsafe fn close_all_fds(first: u32) {
     }
 }
 
-/// A relative timeout for sigtimedwait. Clamped: a negative `tv_sec` (a cast past
-/// `time_t::MAX`) would make every wait fail at once, and the guardian spin.
+/// A relative timeout for sigtimedwait. Clamped: a negative `tv_sec` (a cast past the largest
+/// `time_t`) would make every wait fail at once, and the guardian spin. (The field's type is
+/// inferred: `libc::time_t` is deprecated on musl, where it is changing width; both widths hold
+/// `i32::MAX`, 68 years.)
 fn timespec(left: Duration) -> libc::timespec {
     libc::timespec {
-        tv_sec: libc::time_t::try_from(left.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_sec: left.as_secs().try_into().unwrap_or(i32::MAX.into()),
         tv_nsec: left.subsec_nanos() as libc::c_long,
     }
 }
@@ -431,7 +433,7 @@ mod tests {
     #[test]
     fn timeouts_saturate() {
         let ts = timespec(Duration::from_secs(u64::MAX));
-        assert_eq!(ts.tv_sec, libc::time_t::MAX);
+        assert_eq!(ts.tv_sec, i32::MAX.into());
         let ts = timespec(Duration::new(3, 5));
         assert_eq!((ts.tv_sec, ts.tv_nsec), (3, 5));
     }
