@@ -433,7 +433,9 @@ mod tests {
     #[test]
     fn timeouts_saturate() {
         let ts = timespec(Duration::from_secs(u64::MAX));
-        assert_eq!(i64::from(ts.tv_sec), i64::from(i32::MAX));
+        #[allow(clippy::useless_conversion)] // time_t is i32 or i64 by target
+        let secs = i64::from(ts.tv_sec);
+        assert_eq!(secs, i64::from(i32::MAX));
         let ts = timespec(Duration::new(3, 5));
         assert_eq!((ts.tv_sec, ts.tv_nsec), (3, 5));
     }

@@ -92,7 +92,11 @@ fn next_signal(until: Instant) -> Option<libc::c_int> {
         }
         let timeout = libc::timespec {
             // Inferred `time_t` (deprecated by name on musl); i32::MAX s fits either width.
-            tv_sec: left.as_secs().min(i32::MAX as u64).try_into().unwrap_or(i32::MAX.into()),
+            tv_sec: left
+                .as_secs()
+                .min(i32::MAX as u64)
+                .try_into()
+                .unwrap_or(i32::MAX.into()),
             tv_nsec: left.subsec_nanos().into(),
         };
         // SAFETY: valid set and timespec owned by this frame; the siginfo is not asked for.
