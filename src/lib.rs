@@ -36,6 +36,11 @@
 //! # }
 //! ```
 
+// Every public item has docs (checked here) and an example (rustdoc's check for that is not
+// stable yet: `cargo +nightly rustdoc --lib -- -Z unstable-options -Z crate-attr=
+// 'feature(rustdoc_missing_doc_code_examples)' -W rustdoc::missing_doc_code_examples`).
+#![warn(missing_docs)]
+
 pub mod client;
 pub mod protocol;
 pub mod status;
