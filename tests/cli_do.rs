@@ -293,6 +293,12 @@ fn shared_do_runs_side_by_side_and_an_exclusive_do_waits_for_them() {
     signal(second.pid(), libc::SIGTERM);
     assert_eq!(second.finish(LIMIT).0, 143);
     assert_eq!(writer.finish(LIMIT), (0, "wrote\n".into(), String::new()));
+    let (code, _, err) = run(&s, &["-v", "-s", "--lock-name", "cat", "--", "true"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("tcpnetlock: lock cat granted (shared)\n"),
+        "{err}"
+    );
     // A shared lock has any number of holders: a semaphore size makes no sense with it.
     let (code, _, err) = run(
         &s,

@@ -471,6 +471,17 @@ fn block_all_signals() {
     }
 }
 
+/// Why a renewal could not be written: the write timeout (the reply timeout) said in words, as
+/// "Resource temporarily unavailable" would not.
+fn write_failure(stream: &TcpStream, e: &io::Error) -> String {
+    match (e.kind(), stream.write_timeout()) {
+        (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, Ok(Some(timeout))) => {
+            format!("the server took in no request for {timeout:?} (stalled?)")
+        }
+        _ => e.to_string(),
+    }
+}
+
 /// Tells the owner the renewal thread has ended, however it ends.
 struct Ended<'a>(&'a Conn);
 
@@ -517,7 +528,7 @@ fn renew(conn: &Conn, every: Duration) {
             if let Err(e) = written
                 && state.lost.is_none()
             {
-                state.lost = Some(Lost::Broken(e.to_string()));
+                state.lost = Some(Lost::Broken(write_failure(&conn.stream, &e)));
             }
             next = Instant::now() + every;
         }
@@ -526,5 +537,86 @@ fn renew(conn: &Conn, every: Duration) {
             let _ = conn.stream.shutdown(Shutdown::Read);
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A lock held on a loopback connection whose far end reads nothing and whose buffers are
+    /// full, renewed every 10 ms: the renewal thread's first write blocks.
+    fn held_by_a_deaf_server(reply_timeout: Duration) -> (Lock, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let server = listener.accept().unwrap().0;
+        fill(&stream);
+        let lock = Lock::start(Grant {
+            name: "deaf".into(),
+            token: None,
+            shared: false,
+            stream,
+            replies: Replies::new(1024),
+            lease: None,
+            renew_every: Some(Duration::from_millis(10)),
+            reply_timeout,
+        })
+        .unwrap();
+        (lock, server)
+    }
+
+    /// Fills the send and receive buffers, so that the next write blocks, for up to 60 s (the
+    /// socket's write timeout, which `configure` sets to the reply timeout in real use).
+    fn fill(stream: &TcpStream) {
+        stream
+            .set_write_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let chunk = [b'x'; 64 << 10];
+        let mut writer = stream;
+        while writer.write(&chunk).is_ok() {}
+        stream
+            .set_write_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+    }
+
+    #[test]
+    fn dropping_is_bounded_even_with_the_renewal_thread_stuck_in_a_write() {
+        let timeout = Duration::from_millis(300);
+        let (lock, _server) = held_by_a_deaf_server(timeout);
+        // Time for the renewal thread to block in its write (the bound holds either way: had
+        // it not, `release` would block instead, for what is left of the same deadline).
+        thread::sleep(Duration::from_millis(100));
+        let start = Instant::now();
+        drop(lock);
+        let took = start.elapsed();
+        assert!(
+            took >= timeout && took < timeout + Duration::from_secs(2),
+            "{took:?}"
+        );
+    }
+
+    #[test]
+    fn release_reports_the_stuck_write_as_a_timeout() {
+        let timeout = Duration::from_millis(300);
+        let (lock, _server) = held_by_a_deaf_server(timeout);
+        thread::sleep(Duration::from_millis(100));
+        match lock.release() {
+            Err(Error::Timeout { after }) => assert_eq!(after, timeout),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn abandoning_does_not_wait_for_a_stuck_write() {
+        let (lock, _server) = held_by_a_deaf_server(Duration::from_secs(30));
+        thread::sleep(Duration::from_millis(100));
+        let start = Instant::now();
+        lock.abandon();
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

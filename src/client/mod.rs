@@ -35,6 +35,8 @@
 //!   in time ([`Error::Timeout`], never an `Io` error), the lock lost ([`Error::Lost`]).
 //! - Ending is bounded (release and drop wait at most the reply timeout) and has a form that
 //!   does not wait at all ([`Lock::abandon`]).
+//! - The library never changes the caller's signal mask: the thread that renews a lease blocks
+//!   every signal itself, before [`LockBuilder::take`] returns (lock.rs says how).
 //!
 //! A lock can be lost while held: the server restarts, the network fails, or a lease
 //! ([`LockBuilder::ttl`]) runs out. [`Lock::lost`] says so without blocking, [`Lock::wait_lost`]
