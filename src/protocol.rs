@@ -25,14 +25,32 @@ pub const MAX_SECONDS: u64 = 7 * 24 * 3600;
 pub const MAX_HOLDERS: u32 = 65_535;
 
 /// One request line split into its action and parameters, borrowing from the line.
+///
+/// ```
+/// use tcpnetlock::protocol::Line;
+///
+/// let line = Line::split(b" lock , name : a ,wait:5\r")?;
+/// assert_eq!(line.action, "lock");
+/// assert_eq!(line.param("name"), Some("a"));
+/// # Ok::<(), tcpnetlock::protocol::Reply>(())
+/// ```
 #[derive(Debug, PartialEq, Eq)]
 pub struct Line<'a> {
+    /// What is asked: `lock`, `.ping`, `release`, ...
     pub action: &'a str,
     params: Vec<(&'a str, &'a str)>,
 }
 
 impl<'a> Line<'a> {
     /// Splits a line (without its `\n`). Fails only on invalid UTF-8.
+    ///
+    /// ```
+    /// use tcpnetlock::protocol::{Line, Reply};
+    ///
+    /// assert_eq!(Line::split(b"release")?.action, "release");
+    /// assert_eq!(Line::split(b"lock,name:\xff"), Err(Reply::BadRequest));
+    /// # Ok::<(), Reply>(())
+    /// ```
     pub fn split(bytes: &'a [u8]) -> Result<Line<'a>, Reply> {
         let text = std::str::from_utf8(bytes).map_err(|_| Reply::BadRequest)?;
         let mut parts = text.split(',');
@@ -46,7 +64,18 @@ impl<'a> Line<'a> {
         Ok(Line { action, params })
     }
 
-    /// The value of `key`; the last one when it repeats.
+    /// The value of `key`; the last one when it repeats. A parameter without `:` has an empty
+    /// value.
+    ///
+    /// ```
+    /// use tcpnetlock::protocol::Line;
+    ///
+    /// let line = Line::split(b"lock,name:a,name:b,fencing")?;
+    /// assert_eq!(line.param("name"), Some("b"));
+    /// assert_eq!(line.param("fencing"), Some(""));
+    /// assert_eq!(line.param("wait"), None);
+    /// # Ok::<(), tcpnetlock::protocol::Reply>(())
+    /// ```
     pub fn param(&self, key: &str) -> Option<&'a str> {
         self.params
             .iter()
@@ -62,18 +91,47 @@ impl<'a> Line<'a> {
 }
 
 /// A connection's first request.
+///
+/// ```
+/// use tcpnetlock::protocol::{DEFAULT_MAX_NAME_LEN, Request};
+///
+/// assert_eq!(Request::parse(b".ping", DEFAULT_MAX_NAME_LEN), Ok(Request::Ping));
+/// match Request::parse(b"lock,name:deploy", DEFAULT_MAX_NAME_LEN) {
+///     Ok(Request::Lock(lock)) => assert_eq!(lock.name, "deploy"),
+///     other => panic!("{other:?}"),
+/// }
+/// ```
 #[derive(Debug, PartialEq, Eq)]
 pub enum Request<'a> {
+    /// `lock,name:NAME[,...]`: take a lock; the connection then holds it.
     Lock(LockRequest<'a>),
+    /// `.ping`, answered `pong`.
     Ping,
+    /// `.stats`, answered `stats,{json}`.
     Stats,
+    /// `.locks`, answered `locks,{json}`.
     Locks,
+    /// `.server-shutdown` (0.1.8's; refused by a tcpnetlock server unless enabled).
     Shutdown,
 }
 
+/// A `lock` request's parameters.
+///
+/// ```
+/// use std::time::Duration;
+/// use tcpnetlock::protocol::{DEFAULT_MAX_NAME_LEN, Request};
+///
+/// let line = b"lock,name:catalog,shared:1,wait:2.5";
+/// let Ok(Request::Lock(lock)) = Request::parse(line, DEFAULT_MAX_NAME_LEN) else { panic!() };
+/// assert!(lock.shared);
+/// assert_eq!(lock.wait, Some(Duration::from_millis(2500)));
+/// assert_eq!(lock.max, 1);
+/// ```
 #[derive(Debug, PartialEq, Eq)]
 pub struct LockRequest<'a> {
+    /// `name:NAME`, checked by [`valid_lock_name`].
     pub name: &'a str,
+    /// `client-id:ID`, checked by [`valid_client_id`]: labels the holder.
     pub client_id: Option<&'a str>,
     /// `wait:S` — queue for up to S instead of being refused.
     pub wait: Option<Duration>,
@@ -161,6 +219,15 @@ impl<'a> LockRequest<'a> {
 
 /// Decimal seconds, `[0-9]+(.[0-9]{1,9})?`, at most [`MAX_SECONDS`]. Stricter than a float parse:
 /// no sign, exponent, `inf` or `NaN`.
+///
+/// ```
+/// use std::time::Duration;
+/// use tcpnetlock::protocol::parse_seconds;
+///
+/// assert_eq!(parse_seconds("2.5"), Some(Duration::from_millis(2500)));
+/// assert_eq!(parse_seconds("1e3"), None);
+/// assert_eq!(parse_seconds("604801"), None); // over a week
+/// ```
 pub fn parse_seconds(text: &str) -> Option<Duration> {
     let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
@@ -206,7 +273,15 @@ fn printable(text: &str) -> String {
 }
 
 impl<'a> Request<'a> {
-    /// Parses a first request. The error is the reply to send before closing.
+    /// Parses a first request, with names up to `max_name_len` long. The error is the reply
+    /// to send before closing.
+    ///
+    /// ```
+    /// use tcpnetlock::protocol::{Reply, Request};
+    ///
+    /// assert_eq!(Request::parse(b"hello", 128), Err(Reply::BadAction));
+    /// assert_eq!(Request::parse(b"lock,name:abcd", 3), Err(Reply::err("invalid lock name")));
+    /// ```
     pub fn parse(bytes: &'a [u8], max_name_len: usize) -> Result<Request<'a>, Reply> {
         let line = Line::split(bytes)?;
         if !line.is_well_formed() {
@@ -225,14 +300,31 @@ impl<'a> Request<'a> {
 
 /// A request from a client that holds a lock. 0.1.8 looks only at the action here: parameters are
 /// ignored and an empty action is a `bad-action`, not a `bad-request`.
+///
+/// ```
+/// use tcpnetlock::protocol::{HeldRequest, Reply};
+///
+/// assert_eq!(HeldRequest::parse(b"release"), Ok(HeldRequest::Release));
+/// assert_eq!(HeldRequest::parse(b".keepalive"), Ok(HeldRequest::Renew));
+/// assert_eq!(HeldRequest::parse(b"lock,name:a"), Err(Reply::BadAction));
+/// ```
 #[derive(Debug, PartialEq, Eq)]
 pub enum HeldRequest {
+    /// `release`: let the lock go, answered `released`.
     Release,
     /// `.keepalive`: renews a lease (any request does), answered `alive`.
     Renew,
 }
 
 impl HeldRequest {
+    /// Parses a request from a holder; the error is the reply to send (the lock stays held).
+    ///
+    /// ```
+    /// use tcpnetlock::protocol::{HeldRequest, Reply};
+    ///
+    /// assert_eq!(HeldRequest::parse(b" release ,x:y\r"), Ok(HeldRequest::Release));
+    /// assert_eq!(HeldRequest::parse(b""), Err(Reply::BadAction));
+    /// ```
     pub fn parse(bytes: &[u8]) -> Result<HeldRequest, Reply> {
         match Line::split(bytes)?.action {
             "release" => Ok(HeldRequest::Release),
@@ -242,7 +334,15 @@ impl HeldRequest {
     }
 }
 
-/// `[A-Za-z0-9_-]{1,max}`, as 0.1.8 plus a length limit.
+/// `[A-Za-z0-9_-]{1,max_len}`, as 0.1.8 plus a length limit.
+///
+/// ```
+/// use tcpnetlock::protocol::valid_lock_name;
+///
+/// assert!(valid_lock_name("django-migrations", 128));
+/// assert!(!valid_lock_name("a.b", 128));
+/// assert!(!valid_lock_name("abcd", 3));
+/// ```
 pub fn valid_lock_name(name: &str, max_len: usize) -> bool {
     !name.is_empty()
         && name.len() <= max_len
@@ -252,6 +352,13 @@ pub fn valid_lock_name(name: &str, max_len: usize) -> bool {
 }
 
 /// `[A-Za-z0-9.@_-]{1,128}`.
+///
+/// ```
+/// use tcpnetlock::protocol::valid_client_id;
+///
+/// assert!(valid_client_id("pod-1.ns@x"));
+/// assert!(!valid_client_id("a b"));
+/// ```
 pub fn valid_client_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_CLIENT_ID_LEN
@@ -261,15 +368,30 @@ pub fn valid_client_id(id: &str) -> bool {
 }
 
 /// Every line the server writes. `Display` gives the line without its `\n`.
+///
+/// ```
+/// use tcpnetlock::protocol::Reply;
+///
+/// assert_eq!(Reply::NotGranted.to_string(), "not-granted");
+/// assert_eq!(Reply::err("invalid lock name").to_string(), "err,invalid lock name");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
+    /// `ok`: granted.
     Ok,
+    /// `not-granted`: somebody else holds it (and the wait, if any, ran out).
     NotGranted,
+    /// `released`: the holder's `release` is done; the next client can have the lock.
     Released,
+    /// `alive`: the answer to `.keepalive` (a lease renewal).
     Alive,
+    /// `pong`: the answer to `.ping`.
     Pong,
+    /// `shutting-down`: the answer to an allowed `.server-shutdown`.
     ShuttingDown,
+    /// `bad-action`: an action this server does not know (0.1.8's answer).
     BadAction,
+    /// `bad-request`: a line that is not `action[,key:value]*` (0.1.8's answer).
     BadRequest,
     /// `ok,token:N`: a grant asked for with `fencing:1`.
     OkToken(u64),
@@ -304,11 +426,25 @@ impl fmt::Display for Reply {
 }
 
 impl Reply {
+    /// `err,<message>` with a message known when compiling.
+    ///
+    /// ```
+    /// use tcpnetlock::protocol::Reply;
+    ///
+    /// assert_eq!(Reply::err("server busy").to_line(), b"err,server busy\n");
+    /// ```
     pub fn err(message: &'static str) -> Reply {
         Reply::Err(Cow::Borrowed(message))
     }
 
     /// The grant line: `ok`, or `ok,token:N` when the client asked for fencing.
+    ///
+    /// ```
+    /// use tcpnetlock::protocol::Reply;
+    ///
+    /// assert_eq!(Reply::granted(7, false), Reply::Ok);
+    /// assert_eq!(Reply::granted(7, true).to_string(), "ok,token:7");
+    /// ```
     pub fn granted(token: u64, fencing: bool) -> Reply {
         if fencing {
             Reply::OkToken(token)
@@ -318,6 +454,12 @@ impl Reply {
     }
 
     /// The reply as it goes on the wire, `\n` included.
+    ///
+    /// ```
+    /// use tcpnetlock::protocol::Reply;
+    ///
+    /// assert_eq!(Reply::Released.to_line(), b"released\n");
+    /// ```
     pub fn to_line(&self) -> Vec<u8> {
         format!("{self}\n").into_bytes()
     }

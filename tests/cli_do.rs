@@ -268,6 +268,50 @@ fn max_lets_that_many_commands_run_at_once() {
 }
 
 #[test]
+fn shared_do_runs_side_by_side_and_an_exclusive_do_waits_for_them() {
+    let s = Server::start(&[]);
+    let (d1, d2) = (TempDir::new("do-shared-1"), TempDir::new("do-shared-2"));
+    // The second starts its command while the first still runs its own.
+    let (mut first, _) = start_marked(&s, &d1, &["-s", "--lock-name", "cat"], "sleep 30");
+    let (mut second, _) = start_marked(&s, &d2, &["--shared", "--lock-name", "cat"], "sleep 30");
+    // An exclusive `do` is refused while they hold it, quietly, as for any conflict...
+    assert_eq!(
+        run(&s, &["--lock-name", "cat", "--", "true"]),
+        (123, String::new(), String::new())
+    );
+    // ...and, when it waits, runs once both have ended, not when the first has.
+    let mut writer = Running::spawn(&mut tnl_do(
+        s.addr.port(),
+        &["-w", "20", "--lock-name", "cat", "--", "echo", "wrote"],
+    ));
+    assert!(wait_until(LIMIT, || s.stat("waiting") == 1.0).is_some());
+    signal(first.pid(), libc::SIGTERM);
+    assert_eq!(first.finish(LIMIT).0, 143);
+    // `do` read `released` before exiting: the server has let the first go.
+    assert_eq!(s.stat("waiting"), 1.0);
+    assert_eq!(writer.stdout(), "");
+    signal(second.pid(), libc::SIGTERM);
+    assert_eq!(second.finish(LIMIT).0, 143);
+    assert_eq!(writer.finish(LIMIT), (0, "wrote\n".into(), String::new()));
+    let (code, _, err) = run(&s, &["-v", "-s", "--lock-name", "cat", "--", "true"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("tcpnetlock: lock cat granted (shared)\n"),
+        "{err}"
+    );
+    // A shared lock has any number of holders: a semaphore size makes no sense with it.
+    let (code, _, err) = run(
+        &s,
+        &["-s", "--max", "2", "--lock-name", "cat", "--", "true"],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("invalid max 2 for a shared lock: a shared lock has any number of holders"),
+        "{err}"
+    );
+}
+
+#[test]
 fn the_command_sees_the_lock_name_and_token() {
     let s = Server::start(&[]);
     let show = "echo name=$TCPNETLOCK_LOCK_NAME token=${TCPNETLOCK_TOKEN-unset}";

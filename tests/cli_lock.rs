@@ -98,6 +98,74 @@ fn max_shares_the_name_between_that_many_holders() {
 }
 
 #[test]
+fn shared_holds_beside_other_shared_holders_and_keeps_an_exclusive_one_out() {
+    let s = Server::start(&[]);
+    let mut first = hold(&s, &["--shared", "catalog"]);
+    let mut second = hold(&s, &["-s", "catalog"]);
+    assert_eq!(
+        (first.stdout(), second.stdout()),
+        ("ok\n".into(), "ok\n".into())
+    );
+    let (code, out, _) = run_within(&mut tnl_lock(s.addr.port(), &["catalog"]), LIMIT);
+    assert_eq!((code, out.as_str()), (123, "not-granted\n"));
+    for running in [&mut first, &mut second] {
+        drop(running.child.stdin.take());
+        assert_eq!(running.finish(LIMIT).0, 0);
+    }
+    let exclusive = hold(&s, &["catalog"]);
+    assert_eq!(exclusive.stdout(), "ok\n");
+}
+
+/// The lease renewal thread blocks every signal itself, as its first act; the thread that
+/// takes the lock (here `lock`'s main thread, which then waits for SIGTERM on a signalfd) never
+/// has its mask set to block everything, not even around the thread's creation.
+#[test]
+fn the_renewal_thread_masks_signals_itself_not_through_the_caller() {
+    let strace = common::require_tool("strace", "strace");
+    let s = Server::start(&[]);
+    let dir = common::TempDir::new("lock-sigmask");
+    let trace = dir.path.join("trace");
+    let mut cmd = Command::new(strace);
+    cmd.args(["-f", "-qq", "-e", "trace=execve,rt_sigprocmask", "-o"])
+        .arg(&trace)
+        .arg(BIN)
+        .args([
+            "lock",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &s.addr.port().to_string(),
+        ])
+        .args(["--ttl", "30", "masked"])
+        .env_remove("TCPNETLOCK_CLIENT_ID");
+    // stdin at its end: granted, then released at once.
+    let (code, out, err) = run_within(&mut cmd, LIMIT);
+    assert_eq!((code, out.as_str()), (0, "ok\n"), "{err}");
+    let text = std::fs::read_to_string(&trace).unwrap();
+    // Each line starts with the thread id; the main thread is the one that ran execve.
+    let tid = |line: &str| line.split_whitespace().next().unwrap_or("").to_owned();
+    let main = text
+        .lines()
+        .find(|l| l.contains("execve("))
+        .map(tid)
+        .unwrap_or_else(|| panic!("no execve in:\n{text}"));
+    // sigfillset: every signal but the two glibc keeps for itself (strace: ~[RTMIN RT_1]).
+    let block_all: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains("rt_sigprocmask(SIG_SETMASK, ~["))
+        .map(tid)
+        .collect();
+    assert!(
+        !block_all.is_empty(),
+        "no thread blocked everything:\n{text}"
+    );
+    assert!(
+        block_all.iter().all(|t| *t != main),
+        "the main thread ({main}) set a mask blocking every signal:\n{text}"
+    );
+}
+
+#[test]
 fn not_granted_prints_not_granted_and_exits_123() {
     let s = Server::start(&[]);
     let (_holder, _) = try_lock(s.addr, "taken");
@@ -255,7 +323,10 @@ fn a_server_error_is_printed_and_is_123() {
     assert_eq!(code, 123, "{err}");
     assert_eq!(out, "err,max mismatch: sem is held with max:2\n");
     assert!(
-        err.contains("the server refused the request: max mismatch"),
+        err.contains(
+            "tcpnetlock: error: max mismatch: sem is held with max:2, asked with max:1 (everyone \
+             using a name must give the same --max)"
+        ),
         "{err}"
     );
 }

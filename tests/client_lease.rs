@@ -173,8 +173,9 @@ fn the_library_counts_a_stalled_lease_as_lost_before_the_server_can_regrant() {
     let s = Server::start(&[]);
     let proxy = Proxy::start(s.addr);
     let lock = Client::new("127.0.0.1", proxy.port())
+        .request("stall-lib")
         .ttl(Duration::from_secs(2))
-        .lock("stall-lib")
+        .take()
         .unwrap();
     let deadline = lock.lease_deadline().expect("a lease has a deadline");
     assert!(deadline > Instant::now() && deadline <= Instant::now() + WINDOW);
@@ -332,9 +333,10 @@ fn a_waited_grant_is_renewed_at_once_and_counted_from_that_renewal() {
         }
     });
     let lock = Client::new("127.0.0.1", port)
+        .request("w")
         .wait(Duration::from_secs(5))
         .ttl(Duration::from_millis(500))
-        .lock("w")
+        .take()
         .unwrap();
     assert_eq!(lock.wait_lost(Some(Duration::from_secs(1))), None);
     lock.release().unwrap();
@@ -350,9 +352,10 @@ fn a_waited_grant_whose_renewal_goes_unanswered_is_not_a_lock() {
     });
     let start = Instant::now();
     let r = Client::new("127.0.0.1", port)
+        .request("w")
         .wait(Duration::from_secs(5))
         .ttl(Duration::from_secs(1))
-        .lock("w");
+        .take();
     let took = start.elapsed();
     assert!(
         matches!(r, Err(Error::Lost(Lost::LeaseUnconfirmed))),

@@ -202,7 +202,7 @@ fn the_library_gives_up_by_its_reply_timeout() {
         ("ping", &|| client.ping().map(|_| String::new())),
         ("stats", &|| client.stats_json()),
         ("locks", &|| client.locks_json()),
-        ("lock", &|| client.lock("x").map(|_| String::new())),
+        ("lock", &|| client.try_lock("x").map(|_| String::new())),
     ];
     for (what, ask) in asks {
         let start = Instant::now();
@@ -230,7 +230,7 @@ fn a_holder_flooded_with_bytes_counts_the_lock_as_lost() {
         let flood = vec![b'x'; 64 << 10];
         while stream.write_all(&flood).is_ok() {}
     });
-    let lock = Client::new("127.0.0.1", port).lock("flooded").unwrap();
+    let lock = Client::new("127.0.0.1", port).try_lock("flooded").unwrap();
     let start = Instant::now();
     match lock.wait_lost(Some(LIMIT)) {
         Some(Lost::Broken(m)) => assert!(

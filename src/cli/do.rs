@@ -22,7 +22,7 @@ use super::{
     EXIT_CANNOT_RUN, EXIT_LOST, EXIT_NOT_FOUND, EXIT_NOT_GRANTED, EXIT_USAGE, Fail, ServerAddr,
     parse_bounded_secs, parse_protocol_secs,
 };
-use tcpnetlock::client::{self, Client, Lock};
+use tcpnetlock::client::{self, Client, Lock, LockBuilder};
 use tcpnetlock::protocol::DEFAULT_MAX_NAME_LEN;
 
 /// Signals sent to `do` that go on to the command's process group.
@@ -79,17 +79,23 @@ pub struct DoArgs {
     #[arg(long)]
     fencing: bool,
 
+    /// Hold the lock in shared mode (as flock -s): any number of shared holders at once, never
+    /// together with an exclusive one (a plain `do`). Not with --max.
+    #[arg(short, long)]
+    shared: bool,
+
     /// Hold the lock as a lease of SECONDS, renewed in the background; the server revokes it if
     /// `do` stops renewing it (a hung host, a frozen VM), and `do` counts it lost once the
     /// server has answered no renewal for SECONDS less a margin (a stalled network).
     #[arg(long, value_name = "SECONDS", value_parser = parse_protocol_secs)]
     ttl: Option<Duration>,
 
-    /// Send a keepalive to the server every --keep-alive-secs while the command runs.
+    /// Renew the lock (a `.keepalive` request) every --keep-alive-secs while the command runs
+    /// (0.1.8's flag).
     #[arg(long)]
     keep_alive: bool,
 
-    /// Seconds between keepalives.
+    /// Seconds between renewals.
     #[arg(long, value_name = "SECONDS", default_value = "15", value_parser = parse_bounded_secs)]
     keep_alive_secs: Duration,
 
@@ -155,19 +161,28 @@ impl DoArgs {
         Ok(name)
     }
 
-    fn client(&self) -> Result<Client, Fail> {
-        let mut client = self.server.client();
-        if let Some(id) = &self.client_id {
-            client = client.client_id(id);
+    fn client(&self) -> Client {
+        let client = self.server.client();
+        match &self.client_id {
+            Some(id) => client.client_id(id),
+            None => client,
         }
+    }
+
+    /// The lock request the flags describe.
+    fn request<'a>(&self, client: &'a Client, name: &str) -> Result<LockBuilder<'a>, Fail> {
+        let mut request = client
+            .request(name)
+            .fencing(self.fencing)
+            .shared(self.shared);
         if let Some(wait) = self.wait {
-            client = client.wait(wait);
+            request = request.wait(wait);
         }
         if let Some(ttl) = self.ttl {
-            client = client.ttl(ttl);
+            request = request.ttl(ttl);
         }
         if let Some(max) = self.max {
-            client = client.max(max);
+            request = request.max(max);
         }
         if self.keep_alive {
             if self.keep_alive_secs.is_zero() {
@@ -176,9 +191,10 @@ impl DoArgs {
                     "--keep-alive-secs must be more than 0",
                 ));
             }
-            client = client.keepalive(self.keep_alive_secs);
+            // 0.1.8's --keep-alive: a lease renewal, whatever the flag is called.
+            request = request.renew_every(self.keep_alive_secs);
         }
-        Ok(client.fencing(self.fencing))
+        Ok(request)
     }
 
     fn command(&self, name: &str, token: Option<u64>) -> Command {
@@ -209,12 +225,15 @@ pub fn run(args: DoArgs) -> Result<u8, Fail> {
         ));
     }
     let name = args.lock_name()?;
-    let client = args.client()?;
-    let lock = acquire(&client, &name, &args)?;
+    let client = args.client();
+    let lock = acquire(&args.request(&client, &name)?, &name, &args)?;
     if args.verbose() {
+        let mode = if lock.is_shared() { " (shared)" } else { "" };
         match lock.token() {
-            Some(token) => err_line(&format!("tcpnetlock: lock {name} granted (token {token})")),
-            None => err_line(&format!("tcpnetlock: lock {name} granted")),
+            Some(token) => err_line(&format!(
+                "tcpnetlock: lock {name} granted{mode} (token {token})"
+            )),
+            None => err_line(&format!("tcpnetlock: lock {name} granted{mode}")),
         }
     }
     // Blocked before the fork, so that no signal is lost between the fork and the loop; a
@@ -240,15 +259,20 @@ pub fn run(args: DoArgs) -> Result<u8, Fail> {
 }
 
 /// Asks for the lock, again after a refusal if --retry says so.
-fn acquire(client: &Client, name: &str, args: &DoArgs) -> Result<Lock, Fail> {
+fn acquire(request: &LockBuilder, name: &str, args: &DoArgs) -> Result<Lock, Fail> {
     let mut retries = args.retry;
     loop {
-        let error = match client.lock(name) {
+        let error = match request.take() {
             Ok(lock) => return Ok(lock),
             Err(e) => e,
         };
         // 0.1.8 treated an `err,` line (server busy, ...) as "not granted" too.
-        let refused = matches!(error, client::Error::NotGranted | client::Error::Server(_));
+        let refused = matches!(
+            error,
+            client::Error::NotGranted
+                | client::Error::Server(_)
+                | client::Error::MaxMismatch { .. }
+        );
         if refused && retries > 0 {
             retries -= 1;
             if args.verbose() {
@@ -272,9 +296,22 @@ fn acquire(client: &Client, name: &str, args: &DoArgs) -> Result<Lock, Fail> {
                     Fail::silent(code)
                 }
             }
+            client::Error::MaxMismatch { held_max } => Fail::new(
+                EXIT_NOT_GRANTED,
+                &max_mismatch(name, held_max, args.max.unwrap_or(1)),
+            ),
             e => Fail::from_client(&e),
         });
     }
+}
+
+/// What to say when the name is held as a semaphore of another size: the server's words, and
+/// what to do about it.
+pub(super) fn max_mismatch(name: &str, held_max: u32, asked: u32) -> String {
+    format!(
+        "max mismatch: {name} is held with max:{held_max}, asked with max:{asked} (everyone \
+         using a name must give the same --max)"
+    )
 }
 
 fn spawn_failure(program: &OsString, e: &std::io::Error) -> Fail {

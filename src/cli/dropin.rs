@@ -138,15 +138,17 @@ pub fn client(argv: Vec<OsString>) -> Result<u8, Fail> {
     if let Some(id) = &args.client_id {
         client = client.client_id(id);
     }
+    let mut request = client.request(name);
     if args.keep_alive {
-        client = client.keepalive(args.keep_alive_secs.max(Duration::from_millis(100)));
+        // 0.1.8's --keep-alive: a lease renewal (`.keepalive`), whatever the flag is called.
+        request = request.renew_every(args.keep_alive_secs.max(Duration::from_millis(100)));
     }
     // Ctrl-C is watched from before the lock is taken: one arriving just after the grant must
     // still end in a release and 0.1.8's status 4, not in death by signal. (0.1.8's client never
     // waits, so blocking SIGINT while connecting delays it by a round trip at most.)
     // SIGTERM keeps its default (the process ends, the lock with it), as in 0.1.8.
     let signals = watch_signals(&[libc::SIGINT])?;
-    let lock = client.lock(name).map_err(|e| {
+    let lock = request.take().map_err(|e| {
         use client::Error as E;
         match e {
             E::Refused { .. } => Fail::plain(
@@ -156,7 +158,7 @@ pub fn client(argv: Vec<OsString>) -> Result<u8, Fail> {
             E::Connect { source, .. } => {
                 Fail::plain(EXIT_CLIENT_CONNECT_FAILED, &python_error(&source))
             }
-            E::NotGranted | E::Server(_) => Fail::plain(
+            E::NotGranted | E::Server(_) | E::MaxMismatch { .. } => Fail::plain(
                 EXIT_NOT_GRANTED,
                 &format!("ERROR: lock '{name}' not granted by server"),
             ),

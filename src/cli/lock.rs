@@ -57,6 +57,11 @@ pub struct LockArgs {
     #[arg(long)]
     fencing: bool,
 
+    /// Hold the lock in shared mode (as flock -s): any number of shared holders at once, never
+    /// together with an exclusive one. Not with --max.
+    #[arg(short, long)]
+    shared: bool,
+
     /// Hold the lock as a lease of SECONDS, renewed in the background while this runs; lost
     /// (122) once the server has answered no renewal for SECONDS less a margin.
     #[arg(long, value_name = "SECONDS", value_parser = parse_protocol_secs)]
@@ -71,24 +76,40 @@ pub(super) enum End {
 }
 
 pub fn run(args: LockArgs) -> Result<u8, Fail> {
-    let mut client = args.server.client().fencing(args.fencing);
-    if let Some(wait) = args.wait {
-        client = client.wait(wait);
-    }
-    if let Some(ttl) = args.ttl {
-        client = client.ttl(ttl);
-    }
+    let mut client = args.server.client();
     if let Some(id) = &args.client_id {
         client = client.client_id(id);
     }
-    if let Some(max) = args.max {
-        client = client.max(max);
+    let mut request = client
+        .request(&args.name)
+        .fencing(args.fencing)
+        .shared(args.shared);
+    if let Some(wait) = args.wait {
+        request = request.wait(wait);
     }
-    let lock = match client.lock(&args.name) {
+    if let Some(ttl) = args.ttl {
+        request = request.ttl(ttl);
+    }
+    if let Some(max) = args.max {
+        request = request.max(max);
+    }
+    let lock = match request.take() {
         Ok(lock) => lock,
         Err(client::Error::NotGranted) => {
             say("not-granted");
             return Err(Fail::silent(EXIT_NOT_GRANTED));
+        }
+        Err(client::Error::MaxMismatch { held_max }) => {
+            // The server's line, as for any other `err,` line.
+            let name = &args.name;
+            say(&format!(
+                "err,max mismatch: {name} is held with max:{held_max}"
+            ));
+            let asked = args.max.unwrap_or(1);
+            return Err(Fail::new(
+                EXIT_NOT_GRANTED,
+                &super::r#do::max_mismatch(name, held_max, asked),
+            ));
         }
         Err(e) => {
             if let client::Error::Server(msg) = &e {

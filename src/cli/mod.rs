@@ -257,10 +257,14 @@ impl Fail {
     pub fn from_client(e: &client::Error) -> Fail {
         use client::Error as E;
         let code = match e {
-            E::InvalidName(_) | E::InvalidClientId(_) => EXIT_USAGE,
-            E::NotGranted | E::Server(_) => EXIT_NOT_GRANTED,
+            E::InvalidArgument(_) => EXIT_USAGE,
+            E::NotGranted | E::Server(_) | E::MaxMismatch { .. } => EXIT_NOT_GRANTED,
             E::Lost(_) => EXIT_LOST,
-            E::Refused { .. } | E::Connect { .. } | E::Protocol(_) | E::Io(_) => EXIT_UNREACHABLE,
+            E::Refused { .. }
+            | E::Connect { .. }
+            | E::Protocol(_)
+            | E::Io(_)
+            | E::Timeout { .. } => EXIT_UNREACHABLE,
             // The library's errors are non-exhaustive; one it adds later is still a failure.
             _ => EXIT_FAILURE,
         };

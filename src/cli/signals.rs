@@ -3,7 +3,8 @@
 //! The signals are blocked and read from a signalfd: no handler runs at an arbitrary point, and
 //! the loop that waits for the child, the lock and stdin wakes for signals the same way. The
 //! mask is set on the main thread; threads started later inherit it, and the client library's
-//! keepalive thread blocks everything, so no other thread can take these signals.
+//! lease renewal thread blocks everything (before the lock is handed over), so no other thread
+//! can take these signals.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};

@@ -87,7 +87,7 @@ fn show(text: &str) -> Result<u8, Fail> {
 fn failure(e: &client::Error) -> Fail {
     use client::Error as E;
     let code = match e {
-        E::Refused { .. } | E::Connect { .. } | E::Io(_) => EXIT_UNREACHABLE,
+        E::Refused { .. } | E::Connect { .. } | E::Io(_) | E::Timeout { .. } => EXIT_UNREACHABLE,
         _ => EXIT_FAILURE,
     };
     Fail::new(code, &printable(&e.to_string()))
