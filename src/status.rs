@@ -609,7 +609,9 @@ impl<'de> Deserialize<'de> for WaiterInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Mode {
+    /// A plain `lock`: alone, or with up to `max` other exclusive holders (a semaphore).
     Exclusive,
+    /// `shared:1`: beside any number of other shared holders, never an exclusive one.
     Shared,
 }
 
