@@ -381,6 +381,14 @@ fn bad_v2_parameters_get_an_error_line() {
             "lock,name:x,fencing:yes",
             "err,invalid fencing: expected 0 or 1",
         ),
+        (
+            "lock,name:x,shared:2",
+            "err,invalid shared: expected 0 or 1",
+        ),
+        (
+            "lock,name:x,shared:1,max:3",
+            "err,shared:1 cannot be combined with max (a shared lock has any number of holders)",
+        ),
     ] {
         let mut c = Client::connect(s.addr);
         assert_eq!(c.ask(line), reply, "{line}");
@@ -418,4 +426,66 @@ fn the_state_dir_must_be_usable() {
             && stderr.contains("the state directory /nonexistent/tcpnetlock does not exist"),
         "{stderr}"
     );
+}
+
+/// Readers share, a writer is kept out and waits its turn, a reader that comes after a waiting
+/// writer queues behind it, and when the writer leaves the readers at the head of the line are
+/// granted together, each with its own token.
+#[test]
+fn shared_locks_over_the_wire() {
+    let s = Server::start(&[]);
+    let mut r1 = Client::connect(s.addr);
+    let mut r2 = Client::connect(s.addr);
+    assert!(
+        r1.ask("lock,name:rw,shared:1,fencing:1,client-id:r1")
+            .starts_with("ok,token:")
+    );
+    assert!(
+        r2.ask("lock,name:rw,shared:1,fencing:1")
+            .starts_with("ok,token:")
+    );
+    // shared:0 is a plain (exclusive) lock: refused while readers hold.
+    assert_eq!(try_lock(s.addr, "rw").1, "not-granted");
+    assert_eq!(
+        Client::connect(s.addr).ask("lock,name:rw,shared:0"),
+        "not-granted"
+    );
+    let mut w = Client::connect(s.addr);
+    w.send("lock,name:rw,wait:10,fencing:1");
+    await_waiting(&s, 1);
+    // Behind the waiting writer: a reader's try-lock is refused, a waiting reader queues.
+    assert_eq!(
+        Client::connect(s.addr).ask("lock,name:rw,shared:1"),
+        "not-granted"
+    );
+    let mut r3 = Client::connect(s.addr);
+    r3.send("lock,name:rw,shared:1,wait:10,fencing:1");
+    let mut r4 = Client::connect(s.addr);
+    r4.send("lock,name:rw,shared:1,wait:10,fencing:1");
+    await_waiting(&s, 3);
+    let locks = Client::connect(s.addr).ask(".locks");
+    assert!(
+        locks.contains(r#""waiting": 3"#) && locks.contains(r#""client_id": "r1""#),
+        "{locks}"
+    );
+    let modes: Vec<&str> = locks
+        .split(r#""mode": ""#)
+        .skip(1)
+        .map(|m| m.split('"').next().unwrap())
+        .collect();
+    assert_eq!(
+        modes,
+        ["shared", "shared", "exclusive", "shared", "shared"],
+        "holders, then waiters in queue order: {locks}"
+    );
+    // The readers leave: the writer, and only the writer, is granted.
+    assert_eq!(r1.ask("release"), "released");
+    assert_eq!(r2.ask("release"), "released");
+    let writer = token(&w.line());
+    // The writer leaves: both waiting readers at once, after the writer's token.
+    assert_eq!(w.ask("release"), "released");
+    let (t3, t4) = (token(&r3.line()), token(&r4.line()));
+    assert!(t3 > writer && t4 > t3, "{writer} {t3} {t4}");
+    assert_eq!(s.stat("holders"), 2.0);
+    assert_eq!(s.stat("shared_granted_count"), 4.0);
 }
