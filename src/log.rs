@@ -122,7 +122,7 @@ struct Logger {
 
 #[derive(Default)]
 struct Shared {
-    state: Mutex<State>,
+    state: Mutex<Queue>,
     /// Wakes the logging thread: lines are queued.
     queued: Condvar,
     /// Wakes [`Log::flush`]: the logging thread has written everything queued.
@@ -130,7 +130,7 @@ struct Shared {
 }
 
 #[derive(Default)]
-struct State {
+struct Queue {
     queue: VecDeque<Line>,
     queued_bytes: usize,
     /// Dropped since the logging thread last said so.
@@ -156,12 +156,12 @@ struct Site {
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-impl State {
+impl Queue {
     /// Queues a line, or counts it as dropped when the queue is full. Never waits for the
     /// destination.
     fn push(&mut self, line: Line) {
@@ -448,7 +448,7 @@ mod tests {
 
     #[test]
     fn a_site_passes_a_burst_per_window_then_one_summary() {
-        let mut state = State::default();
+        let mut state = Queue::default();
         let t0 = Instant::now();
         let site = ("conn.rs", 7);
         let passed = (0..25)
@@ -470,7 +470,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_and_counts() {
-        let mut state = State::default();
+        let mut state = Queue::default();
         let big = "x".repeat(QUEUE_BYTES / 4 + 1);
         for _ in 0..5 {
             state.push(line(&big));

@@ -85,14 +85,14 @@ pub struct Lock {
 #[derive(Debug)]
 struct Conn {
     stream: TcpStream,
-    state: Mutex<State>,
+    state: Mutex<Held>,
     /// Wakes the renewal thread early (the lock is being released), and the owner waiting for
     /// it to end.
     wake: Condvar,
 }
 
 #[derive(Debug)]
-struct State {
+struct Held {
     replies: Replies,
     lost: Option<Lost>,
     /// The owner asked the renewal thread to end.
@@ -103,16 +103,16 @@ struct State {
 }
 
 impl Conn {
-    fn state(&self) -> MutexGuard<'_, State> {
+    fn state(&self) -> MutexGuard<'_, Held> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-/// Lines taken in by one [`State::pump`], at most: a server flooding a holder with lines must
+/// Lines taken in by one [`Held::pump`], at most: a server flooding a holder with lines must
 /// not keep the caller in there (under the mutex) for ever. Far more than a holder is ever sent.
 const PUMP_LINES: usize = 1024;
 
-impl State {
+impl Held {
     /// Reads whatever the server sent, without blocking, notes a loss, and looks at the lease
     /// clock.
     fn pump(&mut self, stream: &TcpStream) {
@@ -159,7 +159,7 @@ impl Lock {
     pub(super) fn start(grant: Grant) -> Result<Lock, Error> {
         let conn = Arc::new(Conn {
             stream: grant.stream,
-            state: Mutex::new(State {
+            state: Mutex::new(Held {
                 replies: grant.replies,
                 lost: None,
                 stopping: false,

@@ -19,14 +19,14 @@ pub struct Pool<J> {
 }
 
 struct Shared<J> {
-    state: Mutex<State<J>>,
+    state: Mutex<Workers<J>>,
     wake: Condvar,
     run: Box<dyn Fn(J) + Send + Sync>,
     idle_timeout: Duration,
     stack_size: usize,
 }
 
-struct State<J> {
+struct Workers<J> {
     queue: VecDeque<J>,
     /// Workers waiting for a job. A job is queued only when an idle worker is sure to take it;
     /// otherwise a new worker is started with the job in hand.
@@ -42,7 +42,7 @@ impl<J: Send + 'static> Pool<J> {
     ) -> Pool<J> {
         Pool {
             shared: Arc::new(Shared {
-                state: Mutex::new(State {
+                state: Mutex::new(Workers {
                     queue: VecDeque::new(),
                     idle: 0,
                     threads: 0,
@@ -103,7 +103,7 @@ impl<J: Send + 'static> Pool<J> {
 }
 
 impl<J> Shared<J> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State<J>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Workers<J>> {
         // Jobs run outside this lock, so a poisoned state is still consistent.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
