@@ -3,7 +3,7 @@
 //!
 //! The module is mounted here by path until the server mounts it (issue 13). The tests run one
 //! at a time (a shared lock): several 3-member clusters at once on 2 cores would blur the
-//! timings they measure. Measured numbers are printed (`cargo test --features etcd --test
+//! timings they measure, and one test sets SSL_CERT_FILE. Measured numbers are printed (`cargo test --features etcd --test
 //! etcd_client -- --nocapture`).
 
 #[path = "../src/etcd/mod.rs"]
@@ -435,6 +435,7 @@ fn with_quorum_lost_writes_fail_clearly_by_the_deadline_and_never_apply() {
     let lease = c.lease_grant(60, after(5000)).unwrap();
     let leader = cluster.wait_leader(Duration::from_secs(10));
     let survivor = (leader + 1) % 3;
+    let killed = Instant::now();
     for i in 0..3 {
         if i != survivor {
             cluster.kill(i);
@@ -460,8 +461,8 @@ fn with_quorum_lost_writes_fail_clearly_by_the_deadline_and_never_apply() {
         thread::sleep(Duration::from_millis(50));
     }
     println!(
-        "survivor reported no leader {:?} after the kill",
-        start.elapsed()
+        "survivor reported no leader by {:?} after the kill",
+        killed.elapsed()
     );
     let start = Instant::now();
     let refused = c.txn(&create("/q/refused", lease.id), after(2000));
@@ -627,16 +628,50 @@ fn tls_with_client_certificates() {
     assert!(matches!(err, EtcdError::Unreachable { .. }), "{err}");
     assert_eq!(count(&c, "/tls/no-cert"), 0);
 
-    // Without our CA, the member's certificate is not trusted.
-    let mut no_ca = config.clone();
-    no_ca.ca_file = None;
-    let err = EtcdClient::new(no_ca)
+    // With another CA, the member's certificate is not trusted.
+    let other = etcd_cluster::TlsFiles::generate(&cluster.dir.join("other-ca"));
+    let mut wrong_ca = config.clone();
+    wrong_ca.ca_file = Some(other.ca.clone());
+    let err = EtcdClient::new(wrong_ca)
         .unwrap()
         .range(&RangeRequest::key("/tls"), after(1000))
         .unwrap_err();
-    println!("unknown CA: {err}");
+    println!("another CA: {err}");
     assert!(matches!(err, EtcdError::Unreachable { .. }), "{err}");
-    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+    // (Both CAs share a name, so rustls finds the issuer and rejects the signature.)
+    assert!(
+        err.to_string().contains("invalid peer certificate"),
+        "{err}"
+    );
+
+    // Without a CA file, the system's bundle is used, as etcdctl does: SSL_CERT_FILE names it
+    // here. A bundle that cannot be read is a configuration error, said at once.
+    let mut system = config.clone();
+    system.ca_file = None;
+    let saved: Vec<_> = ["SSL_CERT_FILE", "SSL_CERT_DIR"]
+        .map(|var| (var, std::env::var_os(var)))
+        .into();
+    // SAFETY (each env call): every test of this file holds SERIAL, and no thread of an
+    // earlier test reads the environment.
+    unsafe { std::env::remove_var("SSL_CERT_DIR") };
+    unsafe { std::env::set_var("SSL_CERT_FILE", &tls.ca) };
+    let through_system = EtcdClient::new(system.clone()).map(|c| c.member_list(after(5000)));
+    unsafe { std::env::set_var("SSL_CERT_FILE", cluster.dir.join("missing.pem")) };
+    let missing = EtcdClient::new(system).err().map(|e| e.to_string());
+    for (var, value) in saved {
+        match value {
+            Some(value) => unsafe { std::env::set_var(var, value) },
+            None => unsafe { std::env::remove_var(var) },
+        }
+    }
+    assert_eq!(through_system.unwrap().unwrap().len(), 1);
+    let missing = missing.expect("a missing bundle is refused");
+    println!("no CA file and no system bundle: {missing}");
+    assert!(
+        missing.contains("no system CA certificates found"),
+        "{missing}"
+    );
+    assert!(missing.contains("missing.pem"), "{missing}");
 
     // Plain http to the https port is not etcd's JSON, and says so without hanging.
     let plain = client(vec![endpoint.replace("https://", "http://")]);
@@ -702,6 +737,7 @@ fn user_and_password_auth_and_token_refresh() {
 
 #[test]
 fn configuration_errors_name_what_is_wrong() {
+    let _serial = serial();
     let err = |config: EtcdConfig| match EtcdClient::new(config) {
         Err(e) => e.to_string(),
         Ok(_) => panic!("accepted"),
@@ -737,6 +773,7 @@ fn configuration_errors_name_what_is_wrong() {
 
 #[test]
 fn unreachable_endpoints_fail_by_the_deadline_and_writes_are_known_unsent() {
+    let _serial = serial();
     // Ports just released: nothing listens there.
     let ports: Vec<u16> = (0..2)
         .map(|_| {

@@ -3,7 +3,8 @@
 //! Why the gateway: etcd documents it for clients that do not speak gRPC, it is served on every
 //! member's client URL (`/v3/...`, etcd 3.4 and newer), and plain HTTP/1.1 + JSON lets the server
 //! stay a program of threads and blocking sockets: no async runtime, no protobuf compiler. The
-//! HTTP is `ureq`'s, the TLS rustls with the ring provider (static-friendly, no system library).
+//! HTTP is `ureq`'s, the TLS rustls with the ring provider (static-friendly, no system library;
+//! built for size, see Cargo.toml).
 //!
 //! What this layer promises its caller, the lock server:
 //! - Every call takes a deadline (an `Instant`) and returns by it, give or take a scheduling
@@ -50,7 +51,7 @@ pub struct EtcdConfig {
     /// Client URLs: `http://host:port` or `https://host:port` (`host:port` means http).
     pub endpoints: Vec<String>,
     /// CA certificates (PEM) that sign the members' certificates (`--cacert`). Without it,
-    /// https endpoints are checked against the Mozilla roots built into the binary.
+    /// https endpoints are checked against the system's CA bundle, as etcdctl does.
     pub ca_file: Option<PathBuf>,
     /// Client certificate (PEM) for members that require one (`--cert`); needs `key_file`.
     pub cert_file: Option<PathBuf>,
@@ -109,7 +110,7 @@ impl EtcdClient {
             (Some(_), None) => return Err(EtcdError::Config("a user needs a password".into())),
             (None, Some(_)) => return Err(EtcdError::Config("a password needs a user".into())),
         };
-        let agent = agent(&config, endpoints.len())?;
+        let agent = agent(&config, &endpoints)?;
         Ok(EtcdClient {
             transport: Arc::new(Transport::new(
                 endpoints,
@@ -353,11 +354,42 @@ fn certificates(
     Ok(certs)
 }
 
-fn agent(config: &EtcdConfig, endpoints: usize) -> Result<ureq::Agent, EtcdError> {
+/// The system's CA bundle (as etcdctl uses without `--cacert`): SSL_CERT_FILE / SSL_CERT_DIR, or
+/// the distribution's usual paths. Read when the client is made, so a missing bundle is a
+/// configuration error at start, not a TLS failure on every call.
+fn system_roots() -> Result<Vec<ureq::tls::Certificate<'static>>, EtcdError> {
+    let found = rustls_native_certs::load_native_certs();
+    if found.certs.is_empty() {
+        let why = found
+            .errors
+            .first()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        return Err(EtcdError::Config(format!(
+            "https endpoint and no CA file, and no system CA certificates found{why} (give the \
+             CA that signed the etcd members' certificates)"
+        )));
+    }
+    Ok(found
+        .certs
+        .iter()
+        .map(|der| ureq::tls::Certificate::from_der(der).to_owned())
+        .collect())
+}
+
+fn agent(config: &EtcdConfig, endpoints: &[String]) -> Result<ureq::Agent, EtcdError> {
     use ureq::tls::{ClientCert, PrivateKey, RootCerts, TlsConfig};
+    // ureq takes rustls's process-wide provider; ring is the one compiled in. An error only
+    // says a provider is installed already (a second client), which is as good.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut tls = TlsConfig::builder();
     if let Some(ca) = &config.ca_file {
         tls = tls.root_certs(RootCerts::from(certificates(ca, "CA file")?));
+    } else if endpoints.iter().any(|e| e.starts_with("https://")) {
+        tls = tls.root_certs(RootCerts::from(system_roots()?));
+    } else {
+        // Plain http: no certificate is ever checked, but ureq insists on a root store.
+        tls = tls.root_certs(RootCerts::from(Vec::new()));
     }
     match (&config.cert_file, &config.key_file) {
         (None, None) => {}
@@ -388,7 +420,7 @@ fn agent(config: &EtcdConfig, endpoints: usize) -> Result<ureq::Agent, EtcdError
         // etcd is reached directly: an HTTP proxy from the environment would sit between
         // the server and its lock store, and break the watch streams.
         .proxy(None)
-        .max_idle_connections(per_host * endpoints)
+        .max_idle_connections(per_host * endpoints.len())
         .max_idle_connections_per_host(per_host)
         .user_agent(concat!("tcpnetlock/", env!("CARGO_PKG_VERSION")))
         .build()
