@@ -365,6 +365,73 @@ fn a_watch_resumes_on_another_member_without_losing_or_repeating_events() {
     );
 }
 
+#[test]
+fn a_watch_on_a_frozen_member_moves_after_the_idle_limit_and_ends_when_dropped() {
+    let _serial = serial();
+    let cluster = EtcdCluster::start3();
+    let leader = cluster.wait_leader(Duration::from_secs(10));
+    let frozen = (leader + 1) % 3;
+    let mut config = EtcdConfig::new(
+        std::iter::once(cluster.endpoint(frozen))
+            .chain((0..3).filter(|&i| i != frozen).map(|i| cluster.endpoint(i))),
+    );
+    config.watch_idle = Duration::from_millis(800);
+    let watcher = EtcdClient::new(config).unwrap();
+    let writer = client(vec![cluster.endpoint(leader)]);
+    let (watch, rx) = watch(&watcher, WatchRequest::prefix("/i/"));
+
+    // A healthy but silent stream is re-created after the idle limit, losing nothing.
+    thread::sleep(Duration::from_millis(2000));
+    let put = writer
+        .put(&PutRequest::new("/i/quiet", "v"), after(5000))
+        .unwrap();
+    let (_, events) = next_events(&rx, Duration::from_secs(5));
+    assert_eq!(events[0].kv.mod_revision, put.header.revision);
+
+    cluster.freeze(frozen);
+    let frozen_at = Instant::now();
+    let put = writer
+        .put(&PutRequest::new("/i/frozen", "v"), after(5000))
+        .unwrap();
+    let mut left_frozen = false;
+    let seen = loop {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok((_, WatchMessage::Interrupted { .. })) => {}
+            Ok((_, WatchMessage::Resumed { endpoint, .. })) => {
+                left_frozen |= endpoint != cluster.endpoint(frozen)
+            }
+            Ok((at, WatchMessage::Events { events, .. })) => {
+                assert_eq!(events[0].kv.mod_revision, put.header.revision);
+                break at;
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    cluster.thaw(frozen);
+    println!(
+        "watch on a frozen member: event delivered {:?} after the freeze (idle limit 0.8 s)",
+        seen - frozen_at
+    );
+    assert!(left_frozen, "resumed on a live member");
+    assert!(
+        seen - frozen_at < Duration::from_secs(4),
+        "{:?}",
+        seen - frozen_at
+    );
+
+    // Dropped: no more callbacks, and the thread (holding the channel's sender) ends within
+    // the idle limit.
+    drop(watch);
+    writer
+        .put(&PutRequest::new("/i/after-drop", "v"), after(5000))
+        .unwrap();
+    match rx.recv_timeout(Duration::from_secs(3)) {
+        Ok((_, message)) => panic!("message after drop: {message:?}"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {}
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("the watch thread still runs"),
+    }
+}
+
 /// One lease's life: renewed for a while (the key must stay), then left to expire. Returns the
 /// time from the send of the last acknowledged renewal to the watch seeing the key deleted.
 fn expiry_after_last_renewal(c: &EtcdClient, ttl: i64, key: &str) -> Duration {
@@ -544,6 +611,7 @@ fn a_write_to_a_frozen_member_is_outcome_unknown_and_never_resent() {
     let start = Instant::now();
     let write = c.txn(&create("/z/key", lease.id), after(1500));
     let took = start.elapsed();
+    println!("write to a frozen member: outcome unknown after {took:?} (deadline 1.5 s)");
     match &write {
         Err(e @ EtcdError::OutcomeUnknown { endpoint, .. }) => {
             assert_eq!(endpoint, &cluster.endpoint(frozen));
