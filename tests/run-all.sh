@@ -13,9 +13,11 @@ cd "$(dirname "$0")/.."
 # tests), strace (the token reservation's fsyncs: tests/tokens.rs), python3 with venv (0.1.8
 # itself), promtool and a real Prometheus, and curl (the metrics: tests/metrics.rs,
 # tests/prometheus.rs); the package checks need rpm (rpmbuild too), file, man, lintian and
-# rpmlint; the end-to-end test debootstrap and nspawn.
+# rpmlint; the end-to-end test debootstrap and nspawn; the etcd tests (tests/etcd_client.rs) a
+# real etcd, etcdctl, and openssl for TLS certificates.
 packages=(netcat-openbsd netcat-traditional ncat busybox socat systemd iproute2 procps strace
-    prometheus curl rpm file man-db lintian rpmlint debootstrap systemd-container)
+    prometheus curl rpm file man-db lintian rpmlint debootstrap systemd-container etcd-server
+    etcd-client openssl)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
