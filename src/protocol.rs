@@ -107,6 +107,13 @@ pub enum Request<'a> {
     Lock(LockRequest<'a>),
     /// `.ping`, answered `pong`.
     Ping,
+    /// `.ping,serving:1`: `pong` only if this server can grant locks now, else an `err,` line
+    /// saying why (a cluster member cut off from etcd). Servers before 0.3 (and 0.1.8) ignore
+    /// the parameter and answer `pong`, so a health check may send it to any server.
+    PingServing,
+    /// `.info`, answered `info,{json}`: what a client may want to know before asking for a
+    /// lock (version; for a cluster member, the longest `ttl` it can vouch for).
+    Info,
     /// `.stats`, answered `stats,{json}`.
     Stats,
     /// `.locks`, answered `locks,{json}`.
@@ -289,7 +296,10 @@ impl<'a> Request<'a> {
         }
         match line.action {
             "lock" => Ok(Request::Lock(LockRequest::parse(&line, max_name_len)?)),
+            // Other parameters of `.ping` are ignored, as 0.1.8 ignores them all.
+            ".ping" if line.param("serving") == Some("1") => Ok(Request::PingServing),
             ".ping" => Ok(Request::Ping),
+            ".info" => Ok(Request::Info),
             ".stats" => Ok(Request::Stats),
             ".locks" => Ok(Request::Locks),
             ".server-shutdown" => Ok(Request::Shutdown),
@@ -403,6 +413,8 @@ pub enum Reply {
     Stats(String),
     /// `locks,<json>`.
     Locks(String),
+    /// `info,<json>`.
+    Info(String),
 }
 
 impl fmt::Display for Reply {
@@ -421,6 +433,7 @@ impl fmt::Display for Reply {
             Reply::Err(msg) => write!(f, "err,{msg}"),
             Reply::Stats(json) => write!(f, "stats,{json}"),
             Reply::Locks(json) => write!(f, "locks,{json}"),
+            Reply::Info(json) => write!(f, "info,{json}"),
         }
     }
 }
@@ -681,6 +694,10 @@ mod tests {
     fn other_first_requests() {
         assert_eq!(parse(".ping"), Ok(Request::Ping));
         assert_eq!(parse(" .ping \r"), Ok(Request::Ping));
+        assert_eq!(parse(".ping,serving:1"), Ok(Request::PingServing));
+        assert_eq!(parse(".ping,serving:0"), Ok(Request::Ping));
+        assert_eq!(parse(".ping,anything:x"), Ok(Request::Ping));
+        assert_eq!(parse(".info"), Ok(Request::Info));
         assert_eq!(parse(".stats"), Ok(Request::Stats));
         assert_eq!(parse(".locks"), Ok(Request::Locks));
         assert_eq!(parse(".server-shutdown"), Ok(Request::Shutdown));

@@ -87,6 +87,8 @@ pub struct Stats {
     pub log_lines_dropped: Option<u64>,
     /// Grants in shared mode since start (also counted in `lock_acquired_count`).
     pub shared_granted_count: Option<u64>,
+    /// A cluster member's view of the whole cluster; `None` from a server on its own.
+    pub cluster: Option<Cluster>,
     /// The server's version.
     pub version: Option<String>,
     /// Keys this version does not know, and known keys whose value did not fit the field,
@@ -148,6 +150,10 @@ impl Stats {
         o.count("log_lines_dropped", self.log_lines_dropped);
         o.text("version", self.version.as_deref());
         o.count("shared_granted_count", self.shared_granted_count);
+        if let Some(cluster) = &self.cluster {
+            o.key("cluster");
+            cluster.write_json(o.out);
+        }
         o.close(&self.other);
     }
 
@@ -175,8 +181,153 @@ impl Stats {
             log_lines_dropped: take(&mut f, "log_lines_dropped"),
             version: take(&mut f, "version"),
             shared_granted_count: take(&mut f, "shared_granted_count"),
+            cluster: take::<Fields>(&mut f, "cluster").map(Cluster::from_fields),
             other: f,
         }
+    }
+}
+
+/// The object an `.info` request answers with: what a client may want to know before it asks for
+/// a lock.
+///
+/// ```
+/// use tcpnetlock::status::Info;
+///
+/// let info: Info = serde_json::from_str(
+///     r#"{"version": "0.3.0", "cluster": {"server": "tnl-a", "serving": true, "reason": null,
+///         "etcd_ttl_secs": 5.000, "max_ttl_secs": 2.833, "locks_held": 3, "holders": 4,
+///         "waiting": 1}}"#,
+/// )?;
+/// let cluster = info.cluster.unwrap();
+/// assert_eq!(cluster.serving, Some(true));
+/// assert_eq!(cluster.max_ttl(), Some(std::time::Duration::from_millis(2833)));
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Info {
+    /// The server's version.
+    pub version: Option<String>,
+    /// Set by a cluster member (`tcpnetlock server --etcd`); `None` from a server on its own.
+    pub cluster: Option<Cluster>,
+    /// Keys this version does not know, and known keys whose value did not fit.
+    pub other: BTreeMap<String, Value>,
+}
+
+impl Info {
+    /// Appends the JSON object as the server sends it after `info,`.
+    ///
+    /// ```
+    /// let mut info = tcpnetlock::status::Info::default();
+    /// info.version = Some("0.3.0".into());
+    /// let mut json = String::new();
+    /// info.write_json(&mut json);
+    /// assert_eq!(json, r#"{"version": "0.3.0", "cluster": null}"#);
+    /// ```
+    pub fn write_json(&self, out: &mut String) {
+        let mut o = Object::open(out);
+        o.text("version", self.version.as_deref());
+        o.key("cluster");
+        match &self.cluster {
+            Some(cluster) => cluster.write_json(o.out),
+            None => o.out.push_str("null"),
+        }
+        o.close(&self.other);
+    }
+
+    fn from_fields(mut f: Fields) -> Info {
+        Info {
+            version: take(&mut f, "version"),
+            cluster: take::<Fields>(&mut f, "cluster").map(Cluster::from_fields),
+            other: f,
+        }
+    }
+}
+
+/// Reads any JSON object; fails only on something that is not an object.
+impl<'de> Deserialize<'de> for Info {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Info, D::Error> {
+        Fields::deserialize(deserializer).map(Info::from_fields)
+    }
+}
+
+/// A cluster member's state and its view of the cluster, in [`Info`] and [`Stats`].
+///
+/// ```
+/// let mut cluster = tcpnetlock::status::Cluster::default();
+/// cluster.serving = Some(false);
+/// cluster.reason = Some("no etcd lease: etcd unreachable for 4.2 s".into());
+/// assert_eq!(cluster.max_ttl(), None);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Cluster {
+    /// This member's name (`--etcd-name`, the host name by default).
+    pub server: Option<String>,
+    /// Whether it can grant locks now (it holds a fresh etcd lease).
+    pub serving: Option<bool>,
+    /// Why not, when it cannot.
+    pub reason: Option<String>,
+    /// Its etcd lease's ttl (`--etcd-ttl`).
+    pub etcd_ttl_secs: Option<f64>,
+    /// The longest `ttl:` it accepts: a client lease this long or shorter runs out (by the
+    /// client's own clock) before etcd could give the lock to someone else, even if this server
+    /// freezes. See [`Cluster::max_ttl`].
+    pub max_ttl_secs: Option<f64>,
+    /// Names held, holders and waiters in the whole cluster.
+    pub locks_held: Option<u64>,
+    /// Holders in the whole cluster.
+    pub holders: Option<u64>,
+    /// Waiters in the whole cluster.
+    pub waiting: Option<u64>,
+    /// Keys this version does not know, and known keys whose value did not fit.
+    pub other: BTreeMap<String, Value>,
+}
+
+impl Cluster {
+    /// [`max_ttl_secs`](Cluster::max_ttl_secs) as a [`Duration`], saturating.
+    ///
+    /// ```
+    /// let mut cluster = tcpnetlock::status::Cluster::default();
+    /// cluster.max_ttl_secs = Some(2.5);
+    /// assert_eq!(cluster.max_ttl(), Some(std::time::Duration::from_millis(2500)));
+    /// ```
+    pub fn max_ttl(&self) -> Option<Duration> {
+        self.max_ttl_secs.map(saturating_secs)
+    }
+
+    fn write_json(&self, out: &mut String) {
+        let mut o = Object::open(out);
+        o.text("server", self.server.as_deref());
+        o.flag("serving", self.serving);
+        o.text("reason", self.reason.as_deref());
+        o.secs("etcd_ttl_secs", self.etcd_ttl_secs);
+        o.secs("max_ttl_secs", self.max_ttl_secs);
+        o.count("locks_held", self.locks_held);
+        o.count("holders", self.holders);
+        o.count("waiting", self.waiting);
+        o.close(&self.other);
+    }
+
+    fn from_fields(mut f: Fields) -> Cluster {
+        Cluster {
+            server: take(&mut f, "server"),
+            serving: take(&mut f, "serving"),
+            reason: take(&mut f, "reason"),
+            etcd_ttl_secs: take(&mut f, "etcd_ttl_secs"),
+            max_ttl_secs: take(&mut f, "max_ttl_secs"),
+            locks_held: take(&mut f, "locks_held"),
+            holders: take(&mut f, "holders"),
+            waiting: take(&mut f, "waiting"),
+            other: f,
+        }
+    }
+}
+
+/// Reads any JSON object; fails only on something that is not an object.
+impl<'de> Deserialize<'de> for Cluster {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Cluster, D::Error> {
+        Fields::deserialize(deserializer).map(Cluster::from_fields)
     }
 }
 
@@ -460,6 +611,8 @@ pub struct HolderInfo {
     /// Exclusive or shared; `None` from a server without shared locks (before 0.3: all
     /// exclusive).
     pub mode: Option<Mode>,
+    /// In a cluster, the member it is connected to; otherwise `None` (not written).
+    pub server: Option<String>,
     /// Keys this version does not know, and known keys whose value did not fit.
     pub other: BTreeMap<String, Value>,
 }
@@ -498,6 +651,9 @@ impl HolderInfo {
         o.count("token", self.token);
         o.secs("ttl_secs", self.ttl_secs);
         o.text("mode", self.mode.map(Mode::as_str));
+        if let Some(server) = &self.server {
+            o.text("server", Some(server));
+        }
         o.close(&self.other);
     }
 
@@ -509,6 +665,7 @@ impl HolderInfo {
             token: take(&mut f, "token"),
             ttl_secs: take(&mut f, "ttl_secs"),
             mode: take(&mut f, "mode"),
+            server: take(&mut f, "server"),
             other: f,
         }
     }
@@ -541,6 +698,8 @@ pub struct WaiterInfo {
     pub left_secs: Option<f64>,
     /// The mode it asked for.
     pub mode: Option<Mode>,
+    /// In a cluster, the member it is connected to; otherwise `None` (not written).
+    pub server: Option<String>,
     /// Keys this version does not know, and known keys whose value did not fit.
     pub other: BTreeMap<String, Value>,
 }
@@ -575,6 +734,9 @@ impl WaiterInfo {
         o.secs("waited_secs", self.waited_secs);
         o.secs("left_secs", self.left_secs);
         o.text("mode", self.mode.map(Mode::as_str));
+        if let Some(server) = &self.server {
+            o.text("server", Some(server));
+        }
         o.close(&self.other);
     }
 
@@ -585,6 +747,7 @@ impl WaiterInfo {
             waited_secs: take(&mut f, "waited_secs"),
             left_secs: take(&mut f, "left_secs"),
             mode: take(&mut f, "mode"),
+            server: take(&mut f, "server"),
             other: f,
         }
     }
@@ -713,6 +876,15 @@ impl<'a> Object<'a> {
             }
             _ => self.out.push_str("null"),
         }
+    }
+
+    fn flag(&mut self, key: &str, value: Option<bool>) {
+        self.key(key);
+        self.out.push_str(match value {
+            Some(true) => "true",
+            Some(false) => "false",
+            None => "null",
+        });
     }
 
     fn text(&mut self, key: &str, value: Option<&str>) {

@@ -161,3 +161,25 @@ fn a_reply_that_is_not_the_object_is_a_protocol_error() {
         other => panic!("{other:?}"),
     }
 }
+
+/// `.info` from a server on its own: its version, no cluster; `.ping,serving:1` is `pong`. An
+/// older server answers `.info` with `bad-action`: the library says `None`.
+#[test]
+fn info_from_a_server_on_its_own_and_from_an_older_one() {
+    let s = Server::start(&[]);
+    let client = Client::new("127.0.0.1", s.addr.port());
+    let info = client.info().unwrap().expect("this server knows .info");
+    assert_eq!(info.version.as_deref(), Some(env!("CARGO_PKG_VERSION")));
+    assert_eq!(info.cluster, None);
+    assert!(info.other.is_empty(), "{:?}", info.other);
+    assert_eq!(
+        s.connect().ask(".info"),
+        format!(
+            r#"info,{{"version": "{}", "cluster": null}}"#,
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+    assert_eq!(s.connect().ask(".ping,serving:1"), "pong");
+    let older = fake_server("bad-action\n");
+    assert_eq!(Client::new("127.0.0.1", older).info().unwrap(), None);
+}

@@ -57,7 +57,7 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use crate::protocol::{self, MAX_HOLDERS, MAX_SECONDS};
-use crate::status::{Locks, Stats};
+use crate::status::{Info, Locks, Stats};
 pub use error::{Error, InvalidArgument, Lost};
 pub use lease::lease_margin;
 use lease::{LeaseClock, renewal_interval};
@@ -315,6 +315,28 @@ impl Client {
     /// ```
     pub fn locks(&self) -> Result<Locks, Error> {
         read_status(".locks", &self.locks_json()?)
+    }
+
+    /// What the server says about itself before a lock is asked for (`.info`): its version and,
+    /// for a cluster member, whether it can grant locks now and the longest `ttl` it accepts.
+    /// A server before 0.3 (or 0.1.8) does not know `.info`: that is `Ok(None)`.
+    ///
+    /// ```no_run
+    /// use tcpnetlock::client::Client;
+    ///
+    /// match Client::new("localhost", 7654).info()? {
+    ///     Some(info) if info.cluster.is_some() => println!("a cluster member"),
+    ///     Some(_) => println!("a server on its own"),
+    ///     None => println!("an older server"),
+    /// }
+    /// # Ok::<(), tcpnetlock::client::Error>(())
+    /// ```
+    pub fn info(&self) -> Result<Option<Info>, Error> {
+        match self.ask(".info", "info,", LINE_MAX) {
+            Ok(json) => read_status(".info", &json).map(Some),
+            Err(Error::Protocol(msg)) if msg.contains("\"bad-action\"") => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The server's `.stats` JSON object, as sent: for passing on unchanged (as

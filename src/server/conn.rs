@@ -21,6 +21,7 @@ use log::{debug, info, warn};
 use super::Server;
 use super::framing::{ReadError, Requests};
 use super::link::Link;
+use super::locks::Unavailable;
 use crate::table::{self, ConnId, Decision, Left, State};
 use tcpnetlock::protocol::{HeldRequest, LockRequest, Reply, Request};
 
@@ -94,6 +95,20 @@ pub(super) fn serve(conn: Conn) {
     };
     match request {
         Request::Ping => finish(&stream, &Reply::Pong),
+        Request::PingServing => {
+            let refusal = server.locks.cluster().and_then(|c| match c.serving {
+                Some(true) => None,
+                _ => Some(c.reason.unwrap_or_else(|| "cannot serve locks".into())),
+            });
+            match refusal {
+                None => finish(&stream, &Reply::Pong),
+                Some(why) => finish(
+                    &stream,
+                    &Reply::Err(format!("not serving locks: {why}").into()),
+                ),
+            }
+        }
+        Request::Info => finish(&stream, &Reply::Info(server.info_json())),
         Request::Stats => finish(&stream, &Reply::Stats(server.stats_json())),
         Request::Locks => finish(&stream, &Reply::Locks(server.locks_json())),
         Request::Shutdown => shutdown(server, &stream, peer),
@@ -144,6 +159,14 @@ impl<'a> Session<'a> {
             },
         );
         let name = req.name;
+        let decision = match decision {
+            Ok(decision) => decision,
+            Err(Unavailable(why)) => {
+                debug!("{peer}: lock {name} not served: {why}");
+                finish(link.stream(), &Reply::Err(why.into()));
+                return None;
+            }
+        };
         match decision {
             Decision::Granted { token } => debug!("{peer}: lock {name} granted (token {token})"),
             Decision::Queued => debug!("{peer}: lock {name} queued"),

@@ -16,13 +16,15 @@ use std::sync::Arc;
 
 use super::link::Link;
 use crate::table::{Claim, ConnId, Counters, Decision, Left, LockInfo, State};
+use tcpnetlock::status::Cluster;
 
 pub trait Locks: Send + Sync {
     /// Grants, queues or refuses `req` for `name`. When it returns, a grant's line has been
     /// written through `req.handle` (or the client was found gone and the lock passed on); a
     /// queued request is told later, through the same handle: its grant, or `not-granted` when
-    /// its wait runs out.
-    fn lock(&self, name: &str, req: Claim<Arc<Link>>) -> Decision;
+    /// its wait runs out. `Unavailable` (a store that cannot be reached) grants nothing: the
+    /// client is told why.
+    fn lock(&self, name: &str, req: Claim<Arc<Link>>) -> Result<Decision, Unavailable>;
 
     /// The connection sent a request: a holder's lease starts over. Returns where it stands.
     fn renew(&self, name: &str, conn: ConnId) -> State;
@@ -42,7 +44,17 @@ pub trait Locks: Send + Sync {
 
     /// Starts what runs beside the connections (the timer that enforces deadlines).
     fn start(self: Arc<Self>) -> io::Result<()>;
+
+    /// A cluster member's state and view of the cluster (`.info`, `.stats`, `.ping,serving:1`,
+    /// the systemd status); `None` for lock state kept in this process alone.
+    fn cluster(&self) -> Option<Cluster> {
+        None
+    }
 }
+
+/// Why lock state cannot be changed now; the client gets `err,<message>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unavailable(pub String);
 
 /// What `.stats` and the status line report of the lock state.
 #[derive(Debug, Clone, Copy)]

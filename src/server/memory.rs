@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use log::debug;
 
 use super::link::Link;
-use super::locks::{Counts, Locks};
+use super::locks::{Counts, Locks, Unavailable};
 use super::tokens::Tokens;
 use crate::table::{self, Claim, ConnId, Decision, Event, Left, LockInfo, State, Table};
 use tcpnetlock::protocol::Reply;
@@ -171,7 +171,7 @@ impl MemoryLocks {
 }
 
 impl Locks for MemoryLocks {
-    fn lock(&self, name: &str, req: Claim<Arc<Link>>) -> Decision {
+    fn lock(&self, name: &str, req: Claim<Arc<Link>>) -> Result<Decision, Unavailable> {
         let handle = Arc::clone(&req.handle);
         let conn = req.conn;
         let mut inner = self.inner();
@@ -188,7 +188,7 @@ impl Locks for MemoryLocks {
         let granted = self.settle(inner, granted);
         // The connection's own thread logs its grant, with its peer.
         self.deliver_quietly(granted);
-        decision
+        Ok(decision)
     }
 
     fn renew(&self, name: &str, conn: ConnId) -> State {

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 
-use tcpnetlock::status::{HolderInfo, LockInfo, Locks, Mode, Stats, WaiterInfo};
+use tcpnetlock::status::{HolderInfo, Info, LockInfo, Locks, Mode, Stats, WaiterInfo};
 
 use super::{Server, locks};
 
@@ -37,6 +37,7 @@ impl Server {
         s.log_lines_dropped = Some(crate::log::dropped());
         s.version = Some(env!("CARGO_PKG_VERSION").to_owned());
         s.shared_granted_count = Some(c.shared_acquired);
+        s.cluster = self.locks.cluster();
         let mut json = String::with_capacity(720);
         s.write_json(&mut json);
         json
@@ -71,6 +72,7 @@ impl Server {
                         holder.token = Some(h.token);
                         holder.ttl_secs = h.ttl.map(|t| t.as_secs_f64());
                         holder.mode = Some(mode(h.shared));
+                        holder.server = h.server.as_deref().map(str::to_owned);
                         holder
                     })
                     .collect();
@@ -84,6 +86,7 @@ impl Server {
                         waiter.waited_secs = Some(w.waited.as_secs_f64());
                         waiter.left_secs = Some(w.left.as_secs_f64());
                         waiter.mode = Some(mode(w.shared));
+                        waiter.server = w.server.as_deref().map(str::to_owned);
                         waiter
                     })
                     .collect();
@@ -95,11 +98,29 @@ impl Server {
         json
     }
 
-    /// One line for `systemctl status`.
+    /// `.info`: what a client may want to know before asking for a lock.
+    pub fn info_json(&self) -> String {
+        let mut info = Info::default();
+        info.version = Some(env!("CARGO_PKG_VERSION").to_owned());
+        info.cluster = self.locks.cluster();
+        let mut json = String::with_capacity(256);
+        info.write_json(&mut json);
+        json
+    }
+
+    /// One line for `systemctl status`. A cluster member that cannot serve says so first.
     pub fn status_line(&self) -> String {
         let locks::Counts { held, waiting, .. } = self.locks.counts();
+        let not_serving = match self.locks.cluster() {
+            Some(c) if c.serving != Some(true) => format!(
+                "NOT SERVING LOCKS ({}); ",
+                c.reason.as_deref().unwrap_or("no etcd lease")
+            ),
+            _ => String::new(),
+        };
         format!(
-            "{held} locks held, {waiting} waiting, {} connections open, {} accepted since start",
+            "{not_serving}{held} locks held, {waiting} waiting, {} connections open, {} accepted \
+             since start",
             self.open.load(Ordering::Relaxed),
             self.requests.load(Ordering::Relaxed)
         )

@@ -137,6 +137,8 @@ pub struct HolderInfo {
     pub token: u64,
     pub ttl: Option<Duration>,
     pub shared: bool,
+    /// In a cluster, the member the holder is connected to (lock state kept elsewhere fills it).
+    pub server: Option<Arc<str>>,
 }
 
 /// A waiter, as `.locks` shows it.
@@ -148,6 +150,8 @@ pub struct WaiterInfo {
     /// Until its wait runs out.
     pub left: Duration,
     pub shared: bool,
+    /// In a cluster, the member the waiter is connected to.
+    pub server: Option<Arc<str>>,
 }
 
 /// One held name, as `.locks` shows it.
@@ -498,6 +502,7 @@ impl<H: Clone> Table<H> {
                         token: h.token,
                         ttl: h.ttl,
                         shared: h.shared,
+                        server: None,
                     })
                     .collect(),
                 waiters: e
@@ -509,6 +514,7 @@ impl<H: Clone> Table<H> {
                         waited: now.saturating_duration_since(w.since),
                         left: w.deadline.saturating_duration_since(now),
                         shared: w.shared,
+                        server: None,
                     })
                     .collect(),
             });
