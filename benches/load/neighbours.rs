@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::common::{Ready, Samples, Server, command_output, md_table, thousands};
+use crate::common::{Ready, Samples, Server, command_output, cpu_secs, md_table, thousands};
 use crate::line::{self, LATENCY_SOURCE, PER_SOURCE};
 use crate::net::Client;
 
@@ -51,7 +51,7 @@ pub const CHURNERS: usize = 4;
 /// the load for [`LOADED`].
 pub const SLICES: usize = 2;
 pub const ALONE: Duration = Duration::from_secs(1);
-pub const LOADED: Duration = Duration::from_secs(3);
+pub const LOADED: Duration = Duration::from_secs(4);
 /// Between two of the neighbour's locks.
 pub const PAUSE: Duration = Duration::from_millis(2);
 /// After a slice: the load's last connections finish closing.
@@ -161,6 +161,10 @@ pub struct Load {
     pub secs: f64,
     /// The server's CPU seconds over the loaded slices.
     pub server_cpu: Option<f64>,
+    /// The bench's (all its threads) and every process's CPU seconds over the loaded slices:
+    /// the rest is other work on the machine, which the numbers suffer from.
+    pub bench_cpu: Option<f64>,
+    pub machine_cpu: Option<f64>,
 }
 
 /// One scenario against one binary.
@@ -313,7 +317,7 @@ fn slice(rig: &mut Rig, kind: Kind) {
     add(&mut rig.out.alone, neighbour(addr, ALONE));
     thread::sleep(SETTLE);
     let stop = Arc::new(AtomicBool::new(false));
-    let cpu0 = rig.server.cpu_secs();
+    let cpu0 = [rig.server.cpu_secs(), cpu_secs("self"), machine_busy_secs()];
     let t0 = Instant::now();
     let loaders: Vec<thread::JoinHandle<(Samples, u64, VecDeque<Client>)>> = match kind {
         Kind::Locks => (0..READERS)
@@ -349,13 +353,24 @@ fn slice(rig: &mut Rig, kind: Kind) {
         }
     }
     let load = &mut rig.out.load;
-    let cpu = rig.server.cpu_secs().zip(cpu0).map(|(b, a)| b - a);
-    // Unknown once any slice's is.
-    load.server_cpu = if load.secs == 0.0 {
-        cpu
-    } else {
-        load.server_cpu.zip(cpu).map(|(a, b)| a + b)
-    };
+    let cpu1 = [rig.server.cpu_secs(), cpu_secs("self"), machine_busy_secs()];
+    let first = load.secs == 0.0;
+    for (total, (a, b)) in [
+        &mut load.server_cpu,
+        &mut load.bench_cpu,
+        &mut load.machine_cpu,
+    ]
+    .into_iter()
+    .zip(cpu0.into_iter().zip(cpu1))
+    {
+        let slice = a.zip(b).map(|(a, b)| b - a);
+        // Unknown once any slice's is.
+        *total = if first {
+            slice
+        } else {
+            total.zip(slice).map(|(t, s)| t + s)
+        };
+    }
     load.secs += t0.elapsed().as_secs_f64();
     thread::sleep(SETTLE);
     eprintln!(
@@ -363,6 +378,24 @@ fn slice(rig: &mut Rig, kind: Kind) {
         rig.binary.label,
         rig.out.loaded.secs.len()
     );
+}
+
+/// CPU seconds all CPUs have spent busy since boot, from /proc/stat.
+fn machine_busy_secs() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = text
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy = v.iter().sum::<u64>() - v.get(3)? - v.get(4)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some(busy as f64 / if hz > 0 { hz as f64 } else { 100.0 })
 }
 
 fn add(total: &mut Samples, part: Samples) {
@@ -560,11 +593,37 @@ pub fn section(measured: &[Measured], holders: usize, header: Option<&str>) -> S
                 format!("{:.0} KiB", s.load.bytes as f64 / n / 1024.0)
             }));
         }
-        rows.push(row(format!("{name}: server CPU under load"), &|s| {
-            s.load.server_cpu.map_or("?".into(), |c| {
-                format!("{:.0}% of a core", 100.0 * c / s.load.secs.max(1e-9))
-            })
-        }));
+        let per = if kind == Kind::Locks {
+            "reply"
+        } else {
+            "cycle"
+        };
+        rows.push(row(
+            format!("{name}: CPU under load: the server, the bench's clients, anything else"),
+            &|s| {
+                let l = &s.load;
+                let pct = |c: f64| format!("{:.0}%", 100.0 * c / l.secs.max(1e-9));
+                match (l.server_cpu, l.bench_cpu, l.machine_cpu) {
+                    (Some(a), Some(b), Some(m)) => {
+                        format!(
+                            "{} / {} / {} of a core",
+                            pct(a),
+                            pct(b),
+                            pct((m - a - b).max(0.0))
+                        )
+                    }
+                    _ => "?".into(),
+                }
+            },
+        ));
+        rows.push(row(
+            format!("{name}: server CPU per {per} (neighbour's share included)"),
+            &|s| {
+                s.load.server_cpu.map_or("?".into(), |c| {
+                    format!("{:.0} µs", 1e6 * c / s.load.ops.secs.len().max(1) as f64)
+                })
+            },
+        ));
     }
     let header: Vec<&str> = header.iter().map(String::as_str).collect();
     out.push_str(&md_table(&header, &rows));
