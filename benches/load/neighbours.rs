@@ -115,7 +115,10 @@ fn checkout_source(dir: &Path, built_here: bool) -> (String, Option<String>) {
         command_output(Command::new("git").arg("-C").arg(dir).args(args)).filter(|s| !s.is_empty())
     };
     let Some(top) = git_in(dir, &["rev-parse", "--show-toplevel"]) else {
-        return (format!("{}: not in a git checkout", dir.display()), None);
+        return (
+            format!("{}: not in a git checkout", shown(dir).display()),
+            None,
+        );
     };
     // From the top, where the paths below mean the checkout's own src/ and Cargo files.
     let git = |args: &[&str]| git_in(Path::new(&top), args);
@@ -125,12 +128,13 @@ fn checkout_source(dir: &Path, built_here: bool) -> (String, Option<String>) {
     let dirty =
         git(&[&["status", "--porcelain"][..], &paths].concat()).is_some_and(|s| !s.is_empty());
     let text = format!(
-        "{} checkout {top}, HEAD {head}, src/ last changed in {}{}",
+        "{} checkout {}, HEAD {head}, src/ last changed in {}{}",
         if built_here {
             "built by cargo bench from the"
         } else {
             "a binary inside the"
         },
+        shown(Path::new(&top)).display(),
         last.as_deref().unwrap_or("?"),
         if dirty {
             ", with uncommitted changes in src/ or Cargo.*"
@@ -142,6 +146,26 @@ fn checkout_source(dir: &Path, built_here: bool) -> (String, Option<String>) {
         text,
         last.map(|c| if dirty { format!("{c}+changes") } else { c }),
     )
+}
+
+/// `path` relative to this checkout, so that the results name no machine's directories.
+fn shown(path: &Path) -> PathBuf {
+    let base = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (Ok(path), Ok(base)) = (path.canonicalize(), base.canonicalize()) else {
+        return path.to_owned();
+    };
+    let common = path
+        .components()
+        .zip(base.components())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut rel: PathBuf = base.components().skip(common).map(|_| "..").collect();
+    rel.extend(path.components().skip(common));
+    if rel.as_os_str().is_empty() {
+        ".".into()
+    } else {
+        rel
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -161,10 +185,13 @@ pub struct Load {
     pub secs: f64,
     /// The server's CPU seconds over the loaded slices.
     pub server_cpu: Option<f64>,
-    /// The bench's (all its threads) and every process's CPU seconds over the loaded slices:
-    /// the rest is other work on the machine, which the numbers suffer from.
+    /// The bench's CPU seconds (all its threads) over the loaded slices.
     pub bench_cpu: Option<f64>,
-    pub machine_cpu: Option<f64>,
+    /// All processes' CPU seconds (user and system), and the interrupts' (where the kernel
+    /// counts loopback TCP's receive work), over the loaded slices. What processes used beyond
+    /// the server and the bench is other work on the machine, which the numbers suffer from.
+    pub tasks_cpu: Option<f64>,
+    pub irq_cpu: Option<f64>,
 }
 
 /// One scenario against one binary.
@@ -317,7 +344,7 @@ fn slice(rig: &mut Rig, kind: Kind) {
     add(&mut rig.out.alone, neighbour(addr, ALONE));
     thread::sleep(SETTLE);
     let stop = Arc::new(AtomicBool::new(false));
-    let cpu0 = [rig.server.cpu_secs(), cpu_secs("self"), machine_busy_secs()];
+    let cpu0 = cpu_now(&rig.server);
     let t0 = Instant::now();
     let loaders: Vec<thread::JoinHandle<(Samples, u64, VecDeque<Client>)>> = match kind {
         Kind::Locks => (0..READERS)
@@ -353,12 +380,13 @@ fn slice(rig: &mut Rig, kind: Kind) {
         }
     }
     let load = &mut rig.out.load;
-    let cpu1 = [rig.server.cpu_secs(), cpu_secs("self"), machine_busy_secs()];
+    let cpu1 = cpu_now(&rig.server);
     let first = load.secs == 0.0;
     for (total, (a, b)) in [
         &mut load.server_cpu,
         &mut load.bench_cpu,
-        &mut load.machine_cpu,
+        &mut load.tasks_cpu,
+        &mut load.irq_cpu,
     ]
     .into_iter()
     .zip(cpu0.into_iter().zip(cpu1))
@@ -380,22 +408,35 @@ fn slice(rig: &mut Rig, kind: Kind) {
     );
 }
 
-/// CPU seconds all CPUs have spent busy since boot, from /proc/stat.
-fn machine_busy_secs() -> Option<f64> {
+/// CPU seconds so far: the server's, the bench's, all processes' and the interrupts'.
+fn cpu_now(server: &Server) -> [Option<f64>; 4] {
+    let (tasks, irq) = machine_cpu_secs().unzip();
+    [server.cpu_secs(), cpu_secs("self"), tasks, irq]
+}
+
+/// CPU seconds all CPUs have spent since boot in processes (user, nice, system) and in
+/// interrupts (irq, softirq), from /proc/stat.
+fn machine_cpu_secs() -> Option<(f64, f64)> {
     let text = std::fs::read_to_string("/proc/stat").ok()?;
     let v: Vec<u64> = text
         .lines()
         .next()?
         .split_whitespace()
         .skip(1)
-        .take(8)
+        .take(7)
         .filter_map(|x| x.parse().ok())
         .collect();
-    // user nice system idle iowait irq softirq steal
-    let busy = v.iter().sum::<u64>() - v.get(3)? - v.get(4)?;
+    // user nice system idle iowait irq softirq
+    let [user, nice, system, _, _, irq, softirq] = v[..] else {
+        return None;
+    };
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Some(busy as f64 / if hz > 0 { hz as f64 } else { 100.0 })
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    Some((
+        (user + nice + system) as f64 / hz,
+        (irq + softirq) as f64 / hz,
+    ))
 }
 
 fn add(total: &mut Samples, part: Samples) {
@@ -532,7 +573,7 @@ pub fn section(measured: &[Measured], holders: usize, header: Option<&str>) -> S
             out,
             "- {}: `{}`, {}",
             m.binary.label,
-            m.binary.path.display(),
+            shown(&m.binary.path).display(),
             m.binary.source
         );
     }
@@ -599,19 +640,20 @@ pub fn section(measured: &[Measured], holders: usize, header: Option<&str>) -> S
             "cycle"
         };
         rows.push(row(
-            format!("{name}: CPU under load: the server, the bench's clients, anything else"),
+            format!(
+                "{name}: CPU under load: the server / the bench / interrupts / other processes"
+            ),
             &|s| {
                 let l = &s.load;
                 let pct = |c: f64| format!("{:.0}%", 100.0 * c / l.secs.max(1e-9));
-                match (l.server_cpu, l.bench_cpu, l.machine_cpu) {
-                    (Some(a), Some(b), Some(m)) => {
-                        format!(
-                            "{} / {} / {} of a core",
-                            pct(a),
-                            pct(b),
-                            pct((m - a - b).max(0.0))
-                        )
-                    }
+                match (l.server_cpu, l.bench_cpu, l.tasks_cpu, l.irq_cpu) {
+                    (Some(a), Some(b), Some(t), Some(i)) => format!(
+                        "{} / {} / {} / {} of a core",
+                        pct(a),
+                        pct(b),
+                        pct(i),
+                        pct((t - a - b).max(0.0))
+                    ),
                     _ => "?".into(),
                 }
             },
