@@ -45,9 +45,9 @@
 //! leaves docs/BENCHMARKS.md alone, except that `neighbours` run alone replaces its own section
 //! there), `TCPNETLOCK_BENCH_DOC=0` leaves docs/BENCHMARKS.md alone (the report is printed
 //! anyway), `TCPNETLOCK_BENCH_BASELINE_BIN=PATH` measures the `neighbours` part against that
-//! server binary too. A full run takes about 3 minutes on 2 CPUs, about 4 when 0.1.8 stops
+//! server binary too. A full run takes about 2.5 minutes on 2 CPUs, about 4 when 0.1.8 stops
 //! answering before it has all the holders (it waits out a 60 s limit, then its latency probe
-//! times out); the baseline adds about 20 s.
+//! times out); the baseline adds about 25 s.
 //!
 //! Under `cargo test --all-targets` (no `--bench` argument) it only says how to run it.
 
