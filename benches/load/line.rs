@@ -120,6 +120,11 @@ pub fn cycle(addr: SocketAddr, name: &str) -> Result<bool, String> {
 
 /// `"waiting"` in the server's `.stats`: waiters queued on all names.
 pub fn stats_waiting(addr: SocketAddr) -> Result<u64, String> {
+    stats_count(addr, "waiting")
+}
+
+/// The number under `key` in the server's `.stats`.
+pub fn stats_count(addr: SocketAddr, key: &str) -> Result<u64, String> {
     let mut c = Client::connect(addr, None).map_err(|e| format!(".stats connect: {e}"))?;
     c.send(b".stats\n")?;
     // The reply is longer than `Client`'s line buffer; the server closes after it.
@@ -128,11 +133,11 @@ pub fn stats_waiting(addr: SocketAddr) -> Result<u64, String> {
         .read_to_end(&mut text)
         .map_err(|e| format!("reading .stats: {e}"))?;
     let text = String::from_utf8_lossy(&text);
-    text.split("\"waiting\": ")
+    text.split(&format!("\"{key}\": "))
         .nth(1)
         .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|n| n.parse().ok())
-        .ok_or_else(|| format!(".stats has no \"waiting\": {}", text.trim()))
+        .ok_or_else(|| format!(".stats has no \"{key}\": {}", text.trim()))
 }
 
 /// A fresh server, warmed up (200 cycles), then `n` connections each holding a distinct lock;
@@ -144,7 +149,7 @@ pub fn held(imp: &LineServer, n: usize, label: &str, problems: &mut Vec<String>)
         .ok()?;
     eprintln!("bench: {label}: {n} holders on {}", server.addr);
     let idle = cycles::warm_idle(&mut server, cycle, problems)?;
-    let holding = open_holders(server.addr, n, label);
+    let holding = open_holders(server.addr, n, label, |i| format!("h-{i}"), "");
     thread::sleep(Duration::from_millis(500));
     let loaded = server.status();
     let cpu_pct = Held::idle_cpu_pct(&server);
@@ -184,16 +189,23 @@ pub fn held(imp: &LineServer, n: usize, label: &str, problems: &mut Vec<String>)
     })
 }
 
-struct Holding {
-    clients: Vec<Client>,
-    secs: f64,
-    errors: u64,
-    first_error: Option<String>,
-    timed_out: bool,
+pub struct Holding {
+    pub clients: Vec<Client>,
+    pub secs: f64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub timed_out: bool,
 }
 
-/// Opens `n` connections, each holding lock `h-<i>`, from [`OPENERS`] threads.
-fn open_holders(addr: SocketAddr, n: usize, label: &str) -> Holding {
+/// Opens `n` connections from [`OPENERS`] threads, connection `i` asking for `name(i)` with
+/// `extra` parameters (`h-<i>` and none for distinct plain locks).
+pub fn open_holders(
+    addr: SocketAddr,
+    n: usize,
+    label: &str,
+    name: fn(usize) -> String,
+    extra: &'static str,
+) -> Holding {
     let done = Arc::new(AtomicUsize::new(0));
     let deadline = Instant::now() + HOLD_DEADLINE;
     let t0 = Instant::now();
@@ -208,14 +220,15 @@ fn open_holders(addr: SocketAddr, n: usize, label: &str) -> Holding {
                         timed_out = true;
                         break;
                     }
-                    match lock(addr, Some(holder_source(i)), &format!("h-{i}"), "") {
+                    let name = name(i);
+                    match lock(addr, Some(holder_source(i)), &name, extra) {
                         Ok(Some(c)) => {
                             clients.push(c);
                             done.fetch_add(1, Ordering::Relaxed);
                         }
                         Ok(None) => {
                             errors += 1;
-                            first_error.get_or_insert_with(|| format!("h-{i} not granted"));
+                            first_error.get_or_insert_with(|| format!("{name} not granted"));
                         }
                         Err(e) => {
                             errors += 1;

@@ -29,7 +29,10 @@
 //! 3. `tcpnetlock do -- true` against `flock FILE true`, the static musl build, 0.1.8's
 //!    `tcpnetlock_do -- true` and `etcdctl lock NAME true`, whole processes, with hyperfine;
 //! 4. resident memory per held lock with 15,000 held (0.1.8 included; for Redis, per key of
-//!    15,000 SET NX keys, as a reference), idle memory, and the latency of a new lock meanwhile.
+//!    15,000 SET NX keys, as a reference), idle memory, and the latency of a new lock meanwhile;
+//! 5. a neighbour's lock latency while 8 clients read a 9,000-lock `.locks` and while 4 churn a
+//!    9,000-holder semaphore ([`neighbours`]), against this build and, with
+//!    `TCPNETLOCK_BENCH_BASELINE_BIN`, an older binary side by side.
 //!
 //! It prints the machine, the command, the tables and one verdict per target, and writes them
 //! into docs/BENCHMARKS.md between the `results:begin` and `results:end` markers. A missed
@@ -38,11 +41,14 @@
 //! Knobs (environment): `TCPNETLOCK_BENCH_SECS` (length of the 4-thread cycle run, default 5;
 //! the other cycle runs take 60% of it), `TCPNETLOCK_BENCH_HOLDERS` (default 15000),
 //! `TCPNETLOCK_BENCH_RUNS` (runs of each fast command, default 500), `TCPNETLOCK_BENCH_PYTHON=0`,
-//! `_REDIS=0`, `_ETCD=0`, `_MUSL=0` skip a peer, `TCPNETLOCK_BENCH_ONLY=cycles,handoff,commands,held`
-//! runs only those parts (and leaves docs/BENCHMARKS.md alone), `TCPNETLOCK_BENCH_DOC=0` leaves
-//! docs/BENCHMARKS.md alone (the report is printed anyway). A full run takes about 2 minutes on
-//! 2 CPUs, about 3.5 when 0.1.8 stops answering before it has all the holders (it waits out a
-//! 60 s limit, then its latency probe times out).
+//! `_REDIS=0`, `_ETCD=0`, `_MUSL=0` skip a peer,
+//! `TCPNETLOCK_BENCH_ONLY=cycles,handoff,commands,held,neighbours` runs only those parts (and
+//! leaves docs/BENCHMARKS.md alone, except that `neighbours` run alone replaces its own section
+//! there), `TCPNETLOCK_BENCH_DOC=0` leaves docs/BENCHMARKS.md alone (the report is printed
+//! anyway), `TCPNETLOCK_BENCH_BASELINE_BIN=PATH` measures the `neighbours` part against that
+//! server binary too. A full run takes about 2.5 minutes on 2 CPUs, about 4 when 0.1.8 stops
+//! answering before it has all the holders (it waits out a 60 s limit, then its latency probe
+//! times out); the baseline adds about 25 s.
 //!
 //! Under `cargo test --all-targets` (no `--bench` argument) it only says how to run it.
 
@@ -52,6 +58,7 @@ mod cycles;
 mod etcd;
 mod handoff;
 mod line;
+mod neighbours;
 mod net;
 mod redis;
 
@@ -80,6 +87,9 @@ const HANDOFF_P50_US: f64 = 200.0;
 const HANDOFF_P99_US: f64 = 1000.0;
 const DOC_BEGIN: &str = "<!-- results:begin -->";
 const DOC_END: &str = "<!-- results:end -->";
+/// The neighbours section's own markers inside the results, so that it can be run alone.
+const NEIGHBOURS_BEGIN: &str = "<!-- neighbours:begin -->";
+const NEIGHBOURS_END: &str = "<!-- neighbours:end -->";
 
 struct Settings {
     main_secs: f64,
@@ -92,6 +102,8 @@ struct Settings {
     doc: bool,
     /// `TCPNETLOCK_BENCH_ONLY`: the parts to run (all when unset).
     only: Option<Vec<String>>,
+    /// `TCPNETLOCK_BENCH_BASELINE_BIN`: an older server binary for the neighbours part.
+    baseline_bin: Option<PathBuf>,
 }
 
 impl Settings {
@@ -120,10 +132,13 @@ impl Settings {
             only: env::var("TCPNETLOCK_BENCH_ONLY")
                 .ok()
                 .map(|v| v.split(',').map(|p| p.trim().to_owned()).collect()),
+            baseline_bin: env::var_os("TCPNETLOCK_BENCH_BASELINE_BIN")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
         }
     }
 
-    /// Whether part `name` (cycles, handoff, commands, held) runs.
+    /// Whether part `name` (cycles, handoff, commands, held, neighbours) runs.
     fn part(&self, name: &str) -> bool {
         self.only
             .as_ref()
@@ -173,6 +188,8 @@ struct Results {
     commands: Result<(Vec<Candidate>, Vec<Timing>), String>,
     /// Commands not timed: why.
     command_notes: Vec<String>,
+    /// Each binary measured, and the holders per server.
+    neighbours: Option<(Vec<neighbours::Measured>, usize)>,
     problems: Vec<String>,
 }
 
@@ -206,6 +223,16 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if let Some(bin) = &s.baseline_bin
+        && !bin.is_file()
+    {
+        eprintln!(
+            "bench: TCPNETLOCK_BENCH_BASELINE_BIN={} is not a file (give the path of a built \
+             tcpnetlock binary, e.g. another checkout's target/release/tcpnetlock)",
+            bin.display()
+        );
+        std::process::exit(1);
+    }
     // Everything that installs or compiles happens here, before anything is timed.
     let peers = Peers {
         python: skip_unless(s.python, "TCPNETLOCK_BENCH_PYTHON", common::python_venv),
@@ -229,13 +256,26 @@ fn main() {
     let results = run(&peers, &s);
     let report = report(&peers, &s, &results, &date, &load_start, busy, started);
     print!("{report}");
-    // A partial run must not replace the full results.
-    if s.doc && s.only.is_none() {
-        let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/BENCHMARKS.md");
-        match write_doc(&doc, &report) {
-            Ok(()) => eprintln!("bench: results written to {}", doc.display()),
-            Err(e) => eprintln!("bench: cannot write {}: {e}", doc.display()),
-        }
+    // A partial run must not replace the full results; the neighbours part alone replaces
+    // its own section, which says how it was run.
+    let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/BENCHMARKS.md");
+    let written = if !s.doc {
+        None
+    } else if s.only.is_none() {
+        Some(write_doc(&doc, &report))
+    } else if s.only.as_deref() == Some(&["neighbours".to_owned()][..]) {
+        results.neighbours.as_ref().map(|(measured, holders)| {
+            let header = run_header(&date, &load_start, busy, started);
+            let section = neighbours::section(measured, *holders, Some(&header));
+            write_neighbours_doc(&doc, &section)
+        })
+    } else {
+        None
+    };
+    match written {
+        Some(Ok(())) => eprintln!("bench: results written to {}", doc.display()),
+        Some(Err(e)) => eprintln!("bench: cannot write {}: {e}", doc.display()),
+        None => {}
     }
 }
 
@@ -341,6 +381,20 @@ fn run(peers: &Peers, s: &Settings) -> Results {
         }
     }
 
+    // 5. Neighbours, fresh servers of every binary.
+    let neighbours = s.part("neighbours").then(|| {
+        let mut binaries = Vec::new();
+        if let Some(bin) = &s.baseline_bin {
+            binaries.push(neighbours::Binary::new("baseline", bin, false));
+        }
+        binaries.push(neighbours::Binary::new(
+            "this build",
+            &peers.rust_bin,
+            env::var_os("TCPNETLOCK_BIN").is_none(),
+        ));
+        neighbours::run(binaries)
+    });
+
     Results {
         rust: rust_runs,
         python: py_runs,
@@ -350,6 +404,7 @@ fn run(peers: &Peers, s: &Settings) -> Results {
         handoff_etcd,
         commands,
         command_notes,
+        neighbours,
         problems,
     }
 }
@@ -557,6 +612,13 @@ fn report(
     out.push_str(&handoff_section(r));
     out.push_str(&commands_section(r));
     out.push_str(&held_section(r, s.holders));
+    if let Some((measured, holders)) = &r.neighbours {
+        let _ = write!(
+            out,
+            "\n{NEIGHBOURS_BEGIN}\n{}{NEIGHBOURS_END}\n",
+            neighbours::section(measured, *holders, None)
+        );
+    }
     out.push_str(&targets_section(r));
     let problems: Vec<String> = r
         .problems
@@ -619,6 +681,7 @@ fn shown_command() -> String {
         "TCPNETLOCK_BENCH_ETCD",
         "TCPNETLOCK_BENCH_MUSL",
         "TCPNETLOCK_BENCH_ONLY",
+        "TCPNETLOCK_BENCH_BASELINE_BIN",
     ] {
         if let Ok(v) = env::var(key) {
             let _ = write!(envs, "{key}={v} ");
@@ -1088,6 +1151,48 @@ fn targets_section(r: &Results) -> String {
         let _ = writeln!(out, "- {line}");
     }
     out
+}
+
+/// How and where the neighbours part ran, for its section when it ran alone.
+fn run_header(date: &str, load_start: &str, busy: bool, started: Instant) -> String {
+    let mut out = format!(
+        "Run alone: `{}`, {date}, {:.0} s (load average after it: {}). Machine:",
+        shown_command(),
+        started.elapsed().as_secs_f64(),
+        loadavg()
+    );
+    let facts: Vec<String> = machine_info(load_start)
+        .into_iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    let _ = writeln!(out, " {}.", facts.join("; "));
+    if busy {
+        out.push_str(
+            "**Warning**: the CPUs were busy before the run: another workload shared the \
+             machine, so these numbers are not representative.\n",
+        );
+    }
+    out
+}
+
+/// Replaces the neighbours section of `doc` with `section`; without one, puts it at the end of
+/// the results.
+fn write_neighbours_doc(doc: &Path, section: &str) -> std::io::Result<()> {
+    let text = fs::read_to_string(doc)?;
+    let block = format!(
+        "{NEIGHBOURS_BEGIN}\n{}{NEIGHBOURS_END}",
+        section.trim_start()
+    );
+    let new = match (text.find(NEIGHBOURS_BEGIN), text.find(NEIGHBOURS_END)) {
+        (Some(b), Some(e)) if b < e => {
+            format!("{}{block}{}", &text[..b], &text[e + NEIGHBOURS_END.len()..])
+        }
+        _ => match text.find(DOC_END) {
+            Some(e) => format!("{}{block}\n\n{}", &text[..e], &text[e..]),
+            None => format!("{}\n\n{block}\n", text.trim_end()),
+        },
+    };
+    fs::write(doc, new)
 }
 
 /// Replaces what is between the markers in `doc` with `report`; appends both if there are none.
