@@ -448,7 +448,7 @@ fn what_is_written_reads_back_the_same() {
     weird.mode = Some(Mode::Shared);
     weird
         .other
-        .insert("server".into(), serde_json::json!("tnl-2"));
+        .insert("zone".into(), serde_json::json!("eu-2"));
     weird.other.insert(
         "\u{1}odd key\"".into(),
         serde_json::json!({"nested": [1, -2, 0.5, null]}),
