@@ -489,3 +489,28 @@ fn shared_locks_over_the_wire() {
     assert_eq!(s.stat("holders"), 2.0);
     assert_eq!(s.stat("shared_granted_count"), 4.0);
 }
+
+/// `.locks` readers that come together share copies of the table, but never one taken before
+/// their own request: a client that took a lock and then asks `.locks` always finds itself.
+#[test]
+fn concurrent_locks_readers_each_see_their_own_lock() {
+    let s = Server::start(&[]);
+    let addr = s.addr;
+    let readers: Vec<_> = (0..8)
+        .map(|t| {
+            thread::spawn(move || {
+                for round in 0..40 {
+                    let name = format!("mine{t}x{round}");
+                    let (mut held, reply) = try_lock(addr, &name);
+                    assert_eq!(reply, "ok");
+                    let locks = Client::connect(addr).ask(".locks");
+                    assert!(locks.contains(&format!("\"{name}\"")), "{name} missing");
+                    assert_eq!(held.ask("release"), "released");
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().unwrap();
+    }
+}

@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,11 @@ pub struct MemoryLocks {
     tokens: Tokens,
     /// Wakes the timer thread; paired with `inner`.
     timer: Condvar,
+    /// `.locks` copies of the table, one at a time: readers that arrive while one is being made
+    /// wait for it to end and share the next one (a copy of 9,000 locks holds the table mutex
+    /// for milliseconds; eight readers, each with a copy of its own, held it for tens).
+    copies: Mutex<Copies>,
+    copy_done: Condvar,
 }
 
 struct Inner {
@@ -51,7 +56,13 @@ impl MemoryLocks {
                 timer_sleeps_until: None,
             }),
             timer: Condvar::new(),
+            copies: Mutex::new(Copies::default()),
+            copy_done: Condvar::new(),
         }
+    }
+
+    fn copies(&self) -> MutexGuard<'_, Copies> {
+        self.copies.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
@@ -170,6 +181,28 @@ impl MemoryLocks {
     }
 }
 
+/// Whether a `.locks` copy is being made, and the readers waiting for the next one.
+#[derive(Default)]
+struct Copies {
+    running: bool,
+    next: Option<Arc<OnceLock<Vec<LockInfo>>>>,
+}
+
+/// Ends a `.locks` copy however it ends (a panic included): its readers get an answer (an empty
+/// one, if the copy failed), and the readers waiting for the next copy are woken.
+struct CopyDone<'a> {
+    locks: &'a MemoryLocks,
+    copy: &'a OnceLock<Vec<LockInfo>>,
+}
+
+impl Drop for CopyDone<'_> {
+    fn drop(&mut self) {
+        let _ = self.copy.set(Vec::new());
+        self.locks.copies().running = false;
+        self.locks.copy_done.notify_all();
+    }
+}
+
 impl Locks for MemoryLocks {
     fn lock(&self, name: &str, req: Claim<Arc<Link>>) -> Result<Decision, Unavailable> {
         let handle = Arc::clone(&req.handle);
@@ -205,10 +238,35 @@ impl Locks for MemoryLocks {
     }
 
     fn snapshot(&self) -> Vec<LockInfo> {
-        // Copied under the mutex; sorted after it.
-        let mut locks = self.inner().table.snapshot_unsorted(Instant::now());
-        table::sort_snapshot(&mut locks);
-        locks
+        let mut c = self.copies();
+        // The group of readers waiting for the next copy: it is taken after they all arrived,
+        // so each sees the table as it was after its own request.
+        let mine = Arc::clone(c.next.get_or_insert_with(Default::default));
+        loop {
+            if let Some(locks) = mine.get() {
+                return locks.clone();
+            }
+            if !c.running && c.next.as_ref().is_some_and(|n| Arc::ptr_eq(n, &mine)) {
+                c.running = true;
+                c.next = None;
+                drop(c);
+                let done = CopyDone {
+                    locks: self,
+                    copy: &mine,
+                };
+                // Copied under the table mutex; sorted after it.
+                let mut locks = self.inner().table.snapshot_unsorted(Instant::now());
+                table::sort_snapshot(&mut locks);
+                let _ = mine.set(locks);
+                drop(done);
+                c = self.copies();
+                continue;
+            }
+            c = self
+                .copy_done
+                .wait(c)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
     }
 
     fn counts(&self) -> Counts {

@@ -58,7 +58,7 @@ impl Server {
             .snapshot()
             .into_iter()
             .map(|l| {
-                let mut lock = LockInfo::new(l.name);
+                let mut lock = LockInfo::new(&*l.name);
                 lock.max = Some(l.max);
                 lock.waiting = Some(l.waiters.len() as u64);
                 lock.holders = l

@@ -157,7 +157,7 @@ pub struct WaiterInfo {
 /// One held name, as `.locks` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockInfo {
-    pub name: Box<str>,
+    pub name: Arc<str>,
     pub max: u32,
     pub holders: Vec<HolderInfo>,
     /// In queue order: the first is granted next.
@@ -266,9 +266,11 @@ struct Due {
 
 #[derive(Debug)]
 pub struct Table<H> {
-    names: HashMap<Box<str>, Entry<H>>,
+    /// Names are shared with `deadlines` and snapshots: a `.locks` copy of 9,000 names costs
+    /// 9,000 reference counts under the mutex, not 9,000 allocations.
+    names: HashMap<Arc<str>, Entry<H>>,
     /// Every lease expiry and wait deadline, soonest first, with the name it concerns.
-    deadlines: BTreeMap<Due, Box<str>>,
+    deadlines: BTreeMap<Due, Arc<str>>,
     /// The deadline each connection has in `deadlines`, to move or remove it.
     due: HashMap<ConnId, Instant>,
     next_token: u64,
@@ -593,7 +595,13 @@ impl<H: Clone> Table<H> {
 
     fn set_due(&mut self, name: &str, conn: ConnId, at: Instant) {
         self.clear_due(conn);
-        self.deadlines.insert(Due { at, conn }, name.into());
+        // The entry's own name, shared, when there is one (there always is: a deadline belongs
+        // to a holder or waiter of the name).
+        let name = match self.names.get_key_value(name) {
+            Some((key, _)) => Arc::clone(key),
+            None => name.into(),
+        };
+        self.deadlines.insert(Due { at, conn }, name);
         self.due.insert(conn, at);
     }
 
