@@ -33,6 +33,7 @@ fn on_a_terminal(line: &str) -> Running {
     let mut cmd = Command::new(script);
     cmd.args(["-qec", line, "/dev/null"])
         .stdin(Stdio::piped())
+        .env("TERM", "xterm")
         .env_remove("TCPNETLOCK_CLIENT_ID");
     Running::spawn(&mut cmd)
 }
@@ -214,6 +215,29 @@ fn the_status_line_fits_the_terminal_s_width() {
     }
     assert_eq!(held.ask("release"), "released");
     assert_eq!(term.finish(LIMIT).0, 0);
+}
+
+/// A terminal that cannot erase a line (`TERM=dumb`: Emacs's shell buffers) gets the line a
+/// log gets, once.
+#[test]
+fn a_dumb_terminal_gets_one_plain_line() {
+    let s = Server::start(&[]);
+    let mut held = holder(&s, "dumb", "ci-7");
+    let mut term = on_a_terminal(&format!(
+        "TERM=dumb {}",
+        shell_line(s.addr.port(), "do", "-w 30 --lock-name dumb -- echo got-it")
+    ));
+    assert!(wait_until(LIMIT, || term.stdout().ends_with('\n')).is_some());
+    assert_eq!(held.ask("release"), "released");
+    let (code, screen, _) = term.finish(LIMIT);
+    assert_eq!(code, 0, "{screen:?}");
+    assert!(
+        screen.starts_with("tcpnetlock: waiting for lock dumb: held by ci-7 for ")
+            && screen.ends_with("s more\r\ngot-it\r\n")
+            && screen.lines().count() == 2,
+        "{screen:?}"
+    );
+    assert!(!screen.contains('\x1b'), "{screen:?}");
 }
 
 /// Granted within a moment: nothing said, and no `.locks` asked.

@@ -10,13 +10,13 @@
 //! Nothing is shown for a wait that ends within [`FIRST_LOOK`], so an uncontended `do -w` costs
 //! no `.locks` request and prints nothing. Then:
 //!
-//! - **stderr a terminal, `do` in its foreground:** one status line, rewritten in place every
-//!   second (`\r`, erase line), cut to the terminal's width, and erased once the wait ends, before
-//!   anything else is written (the command's own output, `ok`). Not drawn while the job is in the
-//!   background (it would land in the middle of the shell's line), and never after the wait:
-//!   the command's terminal is the command's.
-//! - **otherwise (a log, a pipe, a background job):** one line when the wait starts; with `-v`,
-//!   one more each time the holders change.
+//! - **stderr a terminal, and we in its foreground:** one status line, rewritten in place every
+//!   second (`\r`, erase line), cut to the terminal's width, and erased once the wait ends,
+//!   before anything else is written (the command's own output, `ok`). Not drawn while the job
+//!   is in the background (it would land in the middle of the shell's line), and never after
+//!   the wait: from then on the terminal is the command's.
+//! - **otherwise (a log, a pipe, a background job, `TERM=dumb`):** one line when the wait
+//!   starts; with `-v`, one more each time the holders change.
 //!
 //! The grant is never delayed by any of this: the thread only asks with timeouts of a second,
 //! and ending the wait does not wait for it. It only writes while holding the [`Screen`] lock
@@ -305,8 +305,8 @@ impl Seen {
     }
 
     /// The status line (a line on its own gets the `tcpnetlock: ` of every message; the live
-    /// one has better use for the columns); `None` when there is nothing to say. `left` is the wait left by our
-    /// own clock, for when the server's word is missing.
+    /// one has better use for the columns); `None` when there is nothing to say. `left` is the
+    /// wait left by our own clock, for when the server's word is missing.
     fn line(&self, name: &str, left: Duration) -> Option<String> {
         let name = printable(name);
         let head = format!("waiting for lock {name}");
@@ -399,10 +399,12 @@ fn write_stderr(text: &str) {
     let _ = stderr.flush();
 }
 
-/// stderr is a terminal and we are in its foreground process group.
+/// stderr is a terminal that can erase a line (not `TERM=dumb`, as in Emacs's shell buffers,
+/// which would show the escape sequence), and we are in its foreground process group.
 fn stderr_is_live_terminal() -> bool {
     // SAFETY: isatty only looks at fd 2.
-    (unsafe { libc::isatty(2) == 1 }) && in_terminal_foreground()
+    let tty = unsafe { libc::isatty(2) == 1 };
+    tty && std::env::var_os("TERM").is_none_or(|t| t != "dumb") && in_terminal_foreground()
 }
 
 fn in_terminal_foreground() -> bool {

@@ -585,13 +585,17 @@ impl LockBuilder<'_> {
     ///     .request("deploy")
     ///     .wait(Duration::from_secs(600))
     ///     .take_with(|asked| {
-    ///         let me = asked.local_addr().to_string();
-    ///         let server = asked.server_addr();
+    ///         let (me, server) = (asked.local_addr(), asked.server_addr());
     ///         std::thread::spawn(move || {
-    ///             let locks = Client::new(server.ip().to_string(), server.port()).locks()?;
-    ///             if let Some(deploy) = locks.get("deploy") {
-    ///                 let ahead = deploy.waiters.iter().position(|w| w.peer.as_ref() == Some(&me));
-    ///                 println!("{ahead:?} ahead of me");
+    ///             let status = Client::new(server.ip().to_string(), server.port());
+    ///             let locks = status.locks()?;
+    ///             let Some(deploy) = locks.get("deploy") else {
+    ///                 return Ok(()); // granted meanwhile
+    ///             };
+    ///             let mine = |peer: Option<&str>| peer.and_then(|p| p.parse().ok()) == Some(me);
+    ///             match deploy.waiters.iter().position(|w| mine(w.peer.as_deref())) {
+    ///                 Some(ahead) => println!("{ahead} ahead of me"),
+    ///                 None => println!("not listed under my address (a NAT?)"),
     ///             }
     ///             Ok::<(), tcpnetlock::client::Error>(())
     ///         });
@@ -706,7 +710,8 @@ impl Asked {
     /// `peer` in `.locks`, unless a NAT or proxy stands between.
     ///
     /// ```no_run
-    /// # let lock = tcpnetlock::client::Client::new("localhost", 7654).request("a").take_with(|asked| {
+    /// # use tcpnetlock::client::Client;
+    /// # let lock = Client::new("localhost", 7654).request("a").take_with(|asked| {
     /// let me = asked.local_addr(); // 127.0.0.1:50312
     /// # })?;
     /// # Ok::<(), tcpnetlock::client::Error>(())
@@ -719,7 +724,8 @@ impl Asked {
     /// to, the one to ask for `.locks` about this request.
     ///
     /// ```no_run
-    /// # let lock = tcpnetlock::client::Client::new("localhost", 7654).request("a").take_with(|asked| {
+    /// # use tcpnetlock::client::Client;
+    /// # let lock = Client::new("localhost", 7654).request("a").take_with(|asked| {
     /// let server = asked.server_addr(); // [::1]:7654
     /// # })?;
     /// # Ok::<(), tcpnetlock::client::Error>(())
