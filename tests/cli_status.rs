@@ -452,3 +452,78 @@ fn the_host_may_carry_the_port() {
         "{err}"
     );
 }
+
+/// On a terminal (a pty, through script(1)), `locks` lists each lock's holders and then its
+/// waiters in queue order, each with its mode and for how long; the name only on a lock's
+/// first row. Not on a terminal the table above is unchanged, and `--json` too.
+#[test]
+fn locks_on_a_terminal_shows_holders_and_waiters_in_line() {
+    let script = common::require_tool("script", "bsdutils");
+    let s = Server::start(&[]);
+    let mut held = Client::connect(s.addr);
+    assert_eq!(held.ask("lock,name:deploy,client-id:ci-7"), "ok");
+    let mut first = Client::connect(s.addr);
+    first.send("lock,name:deploy,client-id:pod-8,wait:30");
+    assert!(common::wait_until(LIMIT, || s.stat("waiting") == 1.0).is_some());
+    let mut second = Client::connect(s.addr);
+    second.send("lock,name:deploy,wait:20,shared:1");
+    assert!(common::wait_until(LIMIT, || s.stat("waiting") == 2.0).is_some());
+    let mut reader = Client::connect(s.addr);
+    assert_eq!(reader.ask("lock,name:catalog,shared:1,ttl:30"), "ok");
+
+    let line = format!("{BIN} locks --host 127.0.0.1 --port {}", s.addr.port());
+    let mut cmd = Command::new(script);
+    // script's stdin stays open: at its end, script may go before the last output is copied.
+    cmd.args(["-qec", &line, "/dev/null"]).stdin(Stdio::piped());
+    let (code, screen, _) = common::Running::spawn(&mut cmd).finish(LIMIT);
+    assert_eq!(code, 0, "{screen}");
+    let rows: Vec<Vec<&str>> = screen
+        .lines()
+        .map(|l| l.trim_end_matches('\r').split_whitespace().collect())
+        .collect();
+    let addr = |c: &Client| c.stream.local_addr().unwrap().to_string();
+    let (reader_at, held_at, first_at, second_at) =
+        (addr(&reader), addr(&held), addr(&first), addr(&second));
+    // Cells: name (first row only), role, mode, client, peer, for, then left or token and ttl.
+    assert_eq!(
+        rows[0],
+        [
+            "NAME", "ROLE", "MODE", "CLIENT", "PEER", "FOR", "LEFT", "TOKEN", "TTL"
+        ],
+        "{screen}"
+    );
+    assert_eq!(rows.len(), 5, "{screen}");
+    assert_eq!(
+        rows[1][..5],
+        ["catalog", "holder", "shared", "-", &reader_at]
+    );
+    assert_eq!(rows[1][7], "30.0s", "{screen}");
+    assert_eq!(
+        rows[2][..5],
+        ["deploy", "holder", "exclusive", "ci-7", &held_at]
+    );
+    assert_eq!(rows[2][7], "-", "{screen}");
+    assert_eq!(
+        rows[3][..5],
+        ["waiter", "1", "exclusive", "pod-8", &first_at]
+    );
+    assert_eq!(rows[4][..5], ["waiter", "2", "shared", "-", &second_at]);
+    // Left of the waits of 30 and 20 s (shown to a tenth of a second).
+    let secs = |cell: &str| -> f64 { cell.strip_suffix('s').unwrap().parse().unwrap() };
+    let (left_1, left_2) = (secs(rows[3][6]), secs(rows[4][6]));
+    assert!(left_1 <= 30.0 && left_1 > 25.0, "{screen}");
+    assert!(left_2 <= 20.0 && left_2 > 15.0, "{screen}");
+
+    // Not on a terminal: the table scripts already read.
+    let (code, out, _) = tnl(s.addr.port(), &["locks"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["NAME", "HOLDER", "PEER", "HELD", "TOKEN", "TTL", "WAITING"]
+    );
+    assert_eq!(out.lines().count(), 3, "{out}");
+}

@@ -18,6 +18,7 @@ use clap::{Args, ValueEnum};
 use super::output::{err_line, printable};
 use super::process::{self, Group};
 use super::signals::{self, SignalFd};
+use super::waiting;
 use super::{
     EXIT_CANNOT_RUN, EXIT_LOST, EXIT_NOT_FOUND, EXIT_NOT_GRANTED, EXIT_USAGE, Fail, ServerAddr,
     parse_bounded_secs, parse_protocol_secs,
@@ -54,7 +55,9 @@ pub struct DoArgs {
     client_id: Option<String>,
 
     /// Wait up to SECONDS for the lock in the server's first-come-first-served queue, instead of
-    /// giving up at once.
+    /// giving up at once. While waiting, stderr says who holds the lock and how many are ahead:
+    /// a status line kept up to date on a terminal, else one line (with -v, one per change of
+    /// holder).
     #[arg(short, long, value_name = "SECONDS", value_parser = parse_protocol_secs)]
     wait: Option<Duration>,
 
@@ -114,7 +117,8 @@ pub struct DoArgs {
     #[arg(long)]
     shell: bool,
 
-    /// Say what happens (lock name, grant, release) on stderr.
+    /// Say what happens (lock name, grant, release, each change of holder while waiting) on
+    /// stderr.
     #[arg(short, long)]
     verbose: bool,
 
@@ -262,7 +266,7 @@ pub fn run(args: DoArgs) -> Result<u8, Fail> {
 fn acquire(request: &LockBuilder, name: &str, args: &DoArgs) -> Result<Lock, Fail> {
     let mut retries = args.retry;
     loop {
-        let error = match request.take() {
+        let error = match waiting::take(request, name, args.wait, args.verbose()) {
             Ok(lock) => return Ok(lock),
             Err(e) => e,
         };

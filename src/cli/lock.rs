@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use super::signals::{self, SignalFd};
+use super::waiting;
 use super::{EXIT_FAILURE, EXIT_LOST, EXIT_NOT_GRANTED, Fail, ServerAddr, parse_protocol_secs};
 use tcpnetlock::client::{self, Lock, Lost};
 
@@ -40,9 +41,15 @@ pub struct LockArgs {
     #[command(flatten)]
     server: ServerAddr,
 
-    /// Wait up to SECONDS in the server's queue instead of giving up at once.
+    /// Wait up to SECONDS in the server's queue instead of giving up at once. While waiting,
+    /// stderr says who holds the lock and how many are ahead: a status line kept up to date on
+    /// a terminal, else one line (with -v, one per change of holder).
     #[arg(short, long, value_name = "SECONDS", value_parser = parse_protocol_secs)]
     wait: Option<Duration>,
+
+    /// While waiting with stderr not on a terminal, a line on each change of holder.
+    #[arg(short, long)]
+    verbose: bool,
 
     /// Client id the server shows for this holder.
     #[arg(long, value_name = "ID", env = "TCPNETLOCK_CLIENT_ID")]
@@ -93,7 +100,7 @@ pub fn run(args: LockArgs) -> Result<u8, Fail> {
     if let Some(max) = args.max {
         request = request.max(max);
     }
-    let lock = match request.take() {
+    let lock = match waiting::take(&request, &args.name, args.wait, args.verbose) {
         Ok(lock) => lock,
         Err(client::Error::NotGranted) => {
             say("not-granted");

@@ -14,6 +14,7 @@ mod process;
 pub mod server;
 mod signals;
 pub mod status;
+mod waiting;
 
 use std::ffi::OsString;
 use std::path::Path;

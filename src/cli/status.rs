@@ -19,7 +19,7 @@ use serde_json::Value;
 use super::output::{self, printable};
 use super::{EXIT_FAILURE, EXIT_UNREACHABLE, Fail, ServerAddr};
 use tcpnetlock::client;
-use tcpnetlock::status::{Locks, Stats};
+use tcpnetlock::status::{LockInfo, Locks, Mode, Stats};
 
 const EXIT_CODES: &str = "\
 Exit status: 0 on an answer (also when stdout is a pipe closed early, as by `head`); 125 if the \
@@ -68,7 +68,12 @@ pub fn locks(args: StatusArgs) -> Result<u8, Fail> {
     if args.json {
         return show(&format!("{text}\n"));
     }
-    show(&render_locks(&locks))
+    // SAFETY: isatty only looks at fd 1.
+    if unsafe { libc::isatty(1) } == 1 {
+        show(&render_locks_for_terminal(&locks))
+    } else {
+        show(&render_locks(&locks))
+    }
 }
 
 /// Writes the answer. A reader that has gone (`| head -1`) has all it wanted: no error, as
@@ -240,24 +245,33 @@ fn render_stats(s: &Stats) -> String {
         .collect()
 }
 
+/// A lock's name as the tables show it: with its `max` when it is a semaphore.
+fn lock_title(lock: &LockInfo) -> String {
+    let name = printable(&lock.name);
+    match or_sent(count(lock.max.map(u64::from)), &lock.other, "max") {
+        Some(max) if max != "1" => format!("{name} (max {max})"),
+        _ => name,
+    }
+}
+
+/// For a file or a pipe: one row per holder, the columns of tcpnetlock 0.2 (scripts read them).
 fn render_locks(locks: &Locks) -> String {
     if locks.is_empty() {
         return "no locks held\n".into();
     }
-    let mut rows =
-        vec![["NAME", "HOLDER", "PEER", "HELD", "TOKEN", "TTL", "WAITING"].map(String::from)];
+    let mut rows = vec![
+        ["NAME", "HOLDER", "PEER", "HELD", "TOKEN", "TTL", "WAITING"]
+            .map(String::from)
+            .to_vec(),
+    ];
     for lock in locks {
-        let name = printable(&lock.name);
-        let title = match or_sent(count(lock.max.map(u64::from)), &lock.other, "max") {
-            Some(max) if max != "1" => format!("{name} (max {max})"),
-            _ => name,
-        };
+        let title = lock_title(lock);
         let waiting = or_sent(count(lock.waiting), &lock.other, "waiting").unwrap_or("0".into());
         for h in &lock.holders {
             let cell = |typed: Option<String>, key: &str| {
                 or_sent(typed, &h.other, key).unwrap_or("-".into())
             };
-            rows.push([
+            rows.push(vec![
                 title.clone(),
                 cell(h.client_id.as_deref().map(printable), "client_id"),
                 cell(h.peer.as_deref().map(printable), "peer"),
@@ -271,9 +285,76 @@ fn render_locks(locks: &Locks) -> String {
     table(&rows)
 }
 
+/// For a person at a terminal: each lock's holders, then its waiters in queue order (the next
+/// to be granted first), each with its mode and for how long; the name only on a lock's first
+/// row. A column nobody has a value in (no leases: TTL; no waiters: LEFT) is left out.
+fn render_locks_for_terminal(locks: &Locks) -> String {
+    if locks.is_empty() {
+        return "no locks held\n".into();
+    }
+    let header = [
+        "NAME", "ROLE", "MODE", "CLIENT", "PEER", "FOR", "LEFT", "TOKEN", "TTL",
+    ];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    let sent = |typed: Option<String>, other: &BTreeMap<String, Value>, key: &str| {
+        or_sent(typed, other, key).unwrap_or("-".into())
+    };
+    let mode = |m: Option<Mode>| m.map(|m| m.as_str().to_owned());
+    for lock in locks {
+        let mut title = Some(lock_title(lock));
+        let mut row = |cells: [String; 8]| {
+            let mut row = vec![title.take().unwrap_or_default()];
+            row.extend(cells);
+            rows.push(row);
+        };
+        for h in &lock.holders {
+            let o = &h.other;
+            row([
+                "holder".into(),
+                sent(mode(h.mode), o, "mode"),
+                sent(h.client_id.as_deref().map(printable), o, "client_id"),
+                sent(h.peer.as_deref().map(printable), o, "peer"),
+                sent(h.held_secs.map(seconds), o, "held_secs"),
+                String::new(),
+                sent(count(h.token), o, "token"),
+                sent(h.ttl_secs.map(seconds), o, "ttl_secs"),
+            ]);
+        }
+        for (i, w) in lock.waiters.iter().enumerate() {
+            let o = &w.other;
+            row([
+                format!("waiter {}", i + 1),
+                sent(mode(w.mode), o, "mode"),
+                sent(w.client_id.as_deref().map(printable), o, "client_id"),
+                sent(w.peer.as_deref().map(printable), o, "peer"),
+                sent(w.waited_secs.map(seconds), o, "waited_secs"),
+                sent(w.left_secs.map(seconds), o, "left_secs"),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        // A server that counts its waiters without listing them (0.2).
+        let unlisted = or_sent(count(lock.waiting), &lock.other, "waiting")
+            .filter(|n| lock.waiters.is_empty() && n != "0");
+        if let Some(n) = unlisted {
+            let mut cells: [String; 8] = Default::default();
+            cells[0] = format!("{n} waiting");
+            row(cells);
+        }
+    }
+    let empty = |c: usize| rows[1..].iter().all(|r| matches!(r[c].as_str(), "" | "-"));
+    let keep: Vec<usize> = (0..header.len()).filter(|&c| c < 2 || !empty(c)).collect();
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| keep.iter().map(|&c| r[c].clone()).collect())
+        .collect();
+    table(&rows)
+}
+
 /// Columns padded to their widest cell, two spaces apart, no trailing blanks.
-fn table(rows: &[[String; 7]]) -> String {
-    let widths: Vec<usize> = (0..7)
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -290,7 +371,7 @@ fn table(rows: &[[String; 7]]) -> String {
 }
 
 /// `850ms`, `12.3s`, `5m07s`, `3h05m`, `2d04h`.
-fn human_duration(d: Duration) -> String {
+pub(super) fn human_duration(d: Duration) -> String {
     let s = d.as_secs();
     match s {
         0 => format!("{}ms", d.as_millis()),
@@ -377,5 +458,31 @@ mod tests {
              t (max two)  7       -            0ms    18446744073709551615  -      many\n"
         );
         assert_eq!(render_locks(&parse("{}").unwrap()), "no locks held\n");
+    }
+
+    #[test]
+    fn locks_for_a_terminal() {
+        let locks = parse(
+            r#"{"a": {"max": 1, "waiting": 2, "holders": [{"client_id": "ci-7", "peer": "127.0.0.1:5", "held_secs": 127.25, "token": 17, "ttl_secs": null, "mode": "exclusive"}],
+                      "waiters": [{"client_id": "pod-8", "peer": "127.0.0.1:6", "waited_secs": 3.1, "left_secs": 26.9, "mode": "exclusive"},
+                                  {"client_id": null, "peer": "127.0.0.1:7", "waited_secs": 0.85, "left_secs": 59.15, "mode": "upgradable"}]},
+                "old": {"max": 3, "waiting": 2, "holders": [{"client_id": null, "peer": "[::1]:9", "held_secs": 0.5, "token": 18, "ttl_secs": null}]}}"#,
+        )
+        .unwrap();
+        // No lease anywhere: no TTL column. A mode this version does not know is shown as sent;
+        // a server that only counts its waiters (0.2) gets a row that says how many.
+        assert_eq!(
+            render_locks_for_terminal(&locks),
+            "NAME         ROLE       MODE        CLIENT  PEER         FOR    LEFT   TOKEN\n\
+             a            holder     exclusive   ci-7    127.0.0.1:5  2m07s         17\n\
+             \x20            waiter 1   exclusive   pod-8   127.0.0.1:6  3.1s   26.9s\n\
+             \x20            waiter 2   upgradable  -       127.0.0.1:7  850ms  59.1s\n\
+             old (max 3)  holder     -           -       [::1]:9      500ms         18\n\
+             \x20            2 waiting\n"
+        );
+        assert_eq!(
+            render_locks_for_terminal(&parse("{}").unwrap()),
+            "no locks held\n"
+        );
     }
 }

@@ -587,6 +587,44 @@ impl LockBuilder<'_> {
     /// # Ok::<(), Error>(())
     /// ```
     pub fn take(&self) -> Result<Lock, Error> {
+        self.take_with(|_| {})
+    }
+
+    /// [`take`](LockBuilder::take), and once the request is sent, before its answer is awaited,
+    /// `asked` is called (on this thread) with the connection's addresses. While the request
+    /// waits, the server's `.locks` lists it among the lock's
+    /// [`waiters`](crate::status::LockInfo::waiters) with [`Asked::local_addr`] as its `peer`
+    /// (unless a NAT or proxy stands between): ask [`Client::locks`] from another thread to
+    /// learn who holds the lock and how many are ahead. `asked` should return quickly: a grant
+    /// is read only after it has returned. It is not called when the request fails to be sent.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use tcpnetlock::client::Client;
+    ///
+    /// let client = Client::new("localhost", 7654);
+    /// let lock = client
+    ///     .request("deploy")
+    ///     .wait(Duration::from_secs(600))
+    ///     .take_with(|asked| {
+    ///         let (me, server) = (asked.local_addr(), asked.server_addr());
+    ///         std::thread::spawn(move || {
+    ///             let status = Client::new(server.ip().to_string(), server.port());
+    ///             let locks = status.locks()?;
+    ///             let Some(deploy) = locks.get("deploy") else {
+    ///                 return Ok(()); // granted meanwhile
+    ///             };
+    ///             let mine = |peer: Option<&str>| peer.and_then(|p| p.parse().ok()) == Some(me);
+    ///             match deploy.waiters.iter().position(|w| mine(w.peer.as_deref())) {
+    ///                 Some(ahead) => println!("{ahead} ahead of me"),
+    ///                 None => println!("not listed under my address (a NAT?)"),
+    ///             }
+    ///             Ok::<(), tcpnetlock::client::Error>(())
+    ///         });
+    ///     })?;
+    /// # Ok::<(), tcpnetlock::client::Error>(())
+    /// ```
+    pub fn take_with(&self, asked: impl FnOnce(&Asked)) -> Result<Lock, Error> {
         self.check()?;
         let client = self.client;
         let stream = client.connect()?;
@@ -594,6 +632,13 @@ impl LockBuilder<'_> {
         // The server's lease starts once it has read the request: not before this.
         let sent = LeaseClock::now();
         send(&stream, &self.line(), client.reply_timeout)?;
+        // Either address missing means the connection has failed already: reading says how.
+        if let (Ok(local_addr), Ok(server_addr)) = (stream.local_addr(), stream.peer_addr()) {
+            asked(&Asked {
+                local_addr,
+                server_addr,
+            });
+        }
         let patience = Deadline::after(self.wait.unwrap_or_default() + client.reply_timeout);
         let token = match replies.line(&stream, patience)? {
             Some(line) => parse_grant(&line, &self.name)?,
@@ -662,6 +707,53 @@ impl LockBuilder<'_> {
             line += ",shared:1";
         }
         line
+    }
+}
+
+/// A lock request on its way, as [`LockBuilder::take_with`] tells of it: the addresses of the
+/// connection that asked, and that will hold the lock once granted.
+///
+/// ```no_run
+/// use tcpnetlock::client::Client;
+///
+/// let lock = Client::new("localhost", 7654)
+///     .request("deploy")
+///     .take_with(|asked| eprintln!("asked {} from {}", asked.server_addr(), asked.local_addr()))?;
+/// # Ok::<(), tcpnetlock::client::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Asked {
+    local_addr: SocketAddr,
+    server_addr: SocketAddr,
+}
+
+impl Asked {
+    /// This end of the connection (`getsockname`): what the server shows as the request's
+    /// `peer` in `.locks`, unless a NAT or proxy stands between.
+    ///
+    /// ```no_run
+    /// # use tcpnetlock::client::Client;
+    /// # let lock = Client::new("localhost", 7654).request("a").take_with(|asked| {
+    /// let me = asked.local_addr(); // 127.0.0.1:50312
+    /// # })?;
+    /// # Ok::<(), tcpnetlock::client::Error>(())
+    /// ```
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The server's address the connection went to: one of those the client's host resolves
+    /// to, the one to ask for `.locks` about this request.
+    ///
+    /// ```no_run
+    /// # use tcpnetlock::client::Client;
+    /// # let lock = Client::new("localhost", 7654).request("a").take_with(|asked| {
+    /// let server = asked.server_addr(); // [::1]:7654
+    /// # })?;
+    /// # Ok::<(), tcpnetlock::client::Error>(())
+    /// ```
+    pub fn server_addr(&self) -> SocketAddr {
+        self.server_addr
     }
 }
 
