@@ -721,6 +721,62 @@ fn stats_prometheus_says_clearly_what_went_wrong() {
     }
 }
 
+/// A stand-in server that sends `head`, then `line` every `pause` until the client goes away.
+fn endless(head: &'static str, line: String, pause: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let line = line.clone();
+            thread::spawn(move || {
+                let mut stream = stream;
+                let _ = stream.write_all(head.as_bytes());
+                while stream.write_all(line.as_bytes()).is_ok() {
+                    thread::sleep(pause);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A server whose metrics never end is given up on: at the size cap when they come fast, by the
+/// reply timeout when they trickle.
+#[test]
+fn a_metrics_answer_that_never_ends_is_given_up() {
+    use tcpnetlock::client::{Client, Error};
+    let timeout = Duration::from_secs(3);
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n";
+    let fast = endless(head, format!("a{} 1\n", "b".repeat(4000)), Duration::ZERO);
+    let client = Client::new("127.0.0.1", fast.port()).reply_timeout(timeout);
+    let start = Instant::now();
+    match client.metrics() {
+        Err(Error::Protocol(m)) => assert_eq!(
+            m,
+            "the metrics text is over 16777216 bytes (is it a tcpnetlock server?)"
+        ),
+        // A slow machine may not carry 16 MiB within the timeout.
+        Err(Error::Timeout { after }) => assert_eq!(after, timeout),
+        other => panic!("{other:?}"),
+    }
+    assert!(start.elapsed() < timeout + Duration::from_secs(2));
+
+    let slow = endless(head, "a 1\n".into(), Duration::from_millis(10));
+    let client = Client::new("127.0.0.1", slow.port()).reply_timeout(timeout);
+    let start = Instant::now();
+    let got = client.metrics();
+    let took = start.elapsed();
+    assert!(
+        matches!(got, Err(Error::Timeout { after }) if after == timeout)
+            || matches!(&got, Err(Error::Protocol(m)) if m.contains("did not end in time")),
+        "{got:?}"
+    );
+    assert!(
+        took >= timeout && took < timeout + Duration::from_secs(2),
+        "{took:?}"
+    );
+}
+
 /// HTTP-looking lines (and the answer 0.1.8 gives them), sent with a request head after them as
 /// curl would. Only `GET /metrics HTTP/1.1` and `HTTP/1.0` may ever get anything else.
 const V1_LINES: &[(&str, &str)] = &[
