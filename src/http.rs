@@ -153,25 +153,6 @@ impl Head {
     }
 }
 
-/// [`Head::line`] over a buffer holding what followed the request line. Ok(Some(n)): the head is
-/// complete and well-formed in the first `n` bytes; Ok(None): no blank line yet, read more.
-pub fn check_head(rest: &[u8], version: Version) -> Result<Option<usize>, HttpError> {
-    let mut head = Head::new(version);
-    let mut start = 0;
-    while let Some(nl) = rest[start..].iter().position(|&b| b == b'\n') {
-        let end = start + nl;
-        if head.line(&rest[start..end])? {
-            return Ok(Some(end + 1));
-        }
-        start = end + 1;
-    }
-    // The unterminated tail counts against the limit too, or a client could send it forever.
-    if head.bytes + (rest.len() - start) > MAX_HEAD {
-        return Err(HttpError::TooLarge);
-    }
-    Ok(None)
-}
-
 /// `tchar` of RFC 9110 §5.6.2.
 fn is_token_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
@@ -316,6 +297,25 @@ mod tests {
         "GET /metrics HTTP/1.1,name:x",
         "",
     ];
+
+    /// [`Head::line`] over a buffer holding what followed the request line. Ok(Some(n)): the head is
+    /// complete and well-formed in the first `n` bytes; Ok(None): no blank line yet, read more.
+    fn check_head(rest: &[u8], version: Version) -> Result<Option<usize>, HttpError> {
+        let mut head = Head::new(version);
+        let mut start = 0;
+        while let Some(nl) = rest[start..].iter().position(|&b| b == b'\n') {
+            let end = start + nl;
+            if head.line(&rest[start..end])? {
+                return Ok(Some(end + 1));
+            }
+            start = end + 1;
+        }
+        // The unterminated tail counts against the limit too, or a client could send it forever.
+        if head.bytes + (rest.len() - start) > MAX_HEAD {
+            return Err(HttpError::TooLarge);
+        }
+        Ok(None)
+    }
 
     fn head(text: &str) -> Result<Option<usize>, HttpError> {
         check_head(text.as_bytes(), Version::Http11)

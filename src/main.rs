@@ -3,10 +3,14 @@
 //! The library (`tcpnetlock::client`, `protocol`, `status`) is what programs link; everything
 //! here is the program's own: [`cli`] parses the command line and runs a subcommand, [`server`]
 //! does the sockets and threads around the lock table ([`table`], a pure state machine), and
-//! [`log`] sends the server's log lines to syslog or stderr without ever blocking a client.
+//! [`log`] sends the server's log lines to syslog or stderr without ever blocking a client. The
+//! server counts what it does in [`metrics`] and answers a Prometheus scrape on the lock port
+//! with [`http`]'s few rules.
 
 mod cli;
+mod http;
 mod log;
+mod metrics;
 mod server;
 mod table;
 

@@ -6,9 +6,10 @@
 //! atomic per bucket (not cumulative: an observation touches one bucket, and rendering adds them
 //! up) and its sum as integer microseconds (integer, so it can be atomic; microseconds, so it
 //! holds 584,000 years of summed hold time where nanoseconds would run out after 584, which
-//! 10,000 holders reach in three weeks). What the server already counts elsewhere (locks held,
-//! holders, waiters, connections, threads) is not counted twice: the caller reads it when
-//! rendering and passes it in as [`Gauges`].
+//! 10,000 holders reach in three weeks). What the server already counts elsewhere is not counted
+//! twice: the caller reads it when rendering and passes it in, the state now as [`Gauges`] and
+//! the lock table's totals (grants, refusals, timeouts, expiries: counted where they are
+//! decided, and shown by `.stats` too) as [`Totals`].
 //!
 //! No metric has a per-lock-name label: lock names are chosen by clients, so such a label would
 //! let any client create series without bound. `.locks` answers per-name questions.
@@ -76,11 +77,13 @@ impl Counter {
 
 /// The closed set of values one label can take. A metric labelled with it has every value's
 /// series from the start, at 0, so that `rate()` sees the first event.
-pub trait LabelSet: Copy {
+pub trait LabelSet: Copy + 'static {
     /// The label's name.
     const KEY: &'static str;
     /// Every value, in the order of [`LabelSet::index`].
     const VALUES: &'static [&'static str];
+    /// Every value, as [`LabelSet::VALUES`] writes them.
+    const ALL: &'static [Self];
     fn index(self) -> usize;
 }
 
@@ -98,6 +101,7 @@ macro_rules! label_set {
         impl LabelSet for $name {
             const KEY: &'static str = $key;
             const VALUES: &'static [&'static str] = &[$($value),+];
+            const ALL: &'static [Self] = &[$($name::$variant),+];
             fn index(self) -> usize {
                 self as usize
             }
@@ -109,9 +113,11 @@ label_set!(
     /// What a connection's first request asked for.
     RequestKind, "kind", {
         Lock = "lock",
+        /// `.ping`, with or without `serving:1`.
         Ping = "ping",
         Stats = "stats",
         Locks = "locks",
+        Info = "info",
         /// `GET /metrics` over HTTP.
         Metrics = "metrics",
         Shutdown = "shutdown",
@@ -231,12 +237,12 @@ impl Histogram {
     }
 }
 
-/// What the server knows now and already keeps elsewhere; read by the caller at render time.
+/// What the server knows now and keeps elsewhere; read by the caller at render time.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Gauges {
     /// Names held now.
     pub locks_held: u64,
-    /// Connections holding a lock now (more than `locks_held` with semaphores).
+    /// Connections holding a lock now (more than `locks_held` with semaphores or shared locks).
     pub holders: u64,
     /// Connections queued now.
     pub waiters: u64,
@@ -248,16 +254,32 @@ pub struct Gauges {
     pub threads_idle: u64,
 }
 
-/// Every metric the server keeps, one field each. Callers record events through the methods,
-/// which keep the counters and histograms that describe one event in step.
+/// Totals since start that the server keeps elsewhere (the lock table counts its decisions under
+/// its own mutex, for `.stats`); read by the caller at render time, so that the metrics and
+/// `.stats` come from one count and always agree.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Connections accepted (`.stats` `requests_count`).
+    pub accepted: u64,
+    pub granted_immediately: u64,
+    pub granted_after_wait: u64,
+    /// Grants in shared mode, immediate or after waiting (also in the two above).
+    pub granted_shared: u64,
+    /// Lock requests refused at once with `not-granted`.
+    pub not_granted: u64,
+    pub max_mismatches: u64,
+    pub wait_timeouts: u64,
+    pub lease_expiries: u64,
+    pub log_lines_dropped: u64,
+}
+
+/// What only the server's threads see as it happens, one field each: requests by kind, how
+/// holders let go, refused connections, and the durations. Callers record events through the
+/// methods, which keep the counters and histograms that describe one event in step.
 #[derive(Debug)]
 pub struct ServerMetrics {
     started: SystemTime,
     requests: CounterVec<RequestKind>,
-    grants: CounterVec<Grant>,
-    refusals: CounterVec<Refusal>,
-    wait_timeouts: Counter,
-    lease_expiries: Counter,
     releases: CounterVec<Release>,
     refused_connections: CounterVec<ConnRefusal>,
     /// Grants after waiting: from joining the queue to the grant.
@@ -278,10 +300,6 @@ impl ServerMetrics {
         ServerMetrics {
             started: SystemTime::now(),
             requests: CounterVec::default(),
-            grants: CounterVec::default(),
-            refusals: CounterVec::default(),
-            wait_timeouts: Counter::default(),
-            lease_expiries: Counter::default(),
             releases: CounterVec::default(),
             refused_connections: CounterVec::default(),
             wait: Histogram::default(),
@@ -289,33 +307,19 @@ impl ServerMetrics {
         }
     }
 
-    /// A connection's first request, once parsed (or found bad).
+    /// A connection's first request, once answered.
     pub fn request(&self, kind: RequestKind) {
         self.requests.inc(kind);
     }
 
-    pub fn granted_immediately(&self) {
-        self.grants.inc(Grant::Immediate);
-    }
-
-    /// A queued request was granted after `waited` in the queue.
+    /// A queued request was granted after `waited` in the queue (the grant itself is counted
+    /// in [`Totals::granted_after_wait`]).
     pub fn granted_after_wait(&self, waited: Duration) {
-        self.grants.inc(Grant::AfterWait);
         self.wait.observe(waited);
     }
 
-    pub fn refused(&self, why: Refusal) {
-        self.refusals.inc(why);
-    }
-
-    /// A waiter's `wait:` ran out (it got `not-granted`).
-    pub fn wait_timed_out(&self) {
-        self.wait_timeouts.inc();
-    }
-
-    /// A lease was revoked after `held` since its grant.
+    /// A lease was revoked after `held` since its grant (counted in [`Totals::lease_expiries`]).
     pub fn lease_expired(&self, held: Duration) {
-        self.lease_expiries.inc();
         self.hold.observe(held);
     }
 
@@ -330,12 +334,13 @@ impl ServerMetrics {
         self.refused_connections.inc(why);
     }
 
-    /// The text exposition format 0.0.4, with `gauges` and what `/proc/self` shows now.
-    pub fn render(&self, gauges: &Gauges) -> String {
-        self.render_with(gauges, &Process::read())
+    /// The text exposition format 0.0.4, with what the caller read now and what `/proc/self`
+    /// shows now.
+    pub fn render(&self, totals: &Totals, gauges: &Gauges) -> String {
+        self.render_with(totals, gauges, &Process::read())
     }
 
-    fn render_with(&self, gauges: &Gauges, process: &Process) -> String {
+    fn render_with(&self, totals: &Totals, gauges: &Gauges, process: &Process) -> String {
         let mut out = Text(String::with_capacity(8 * 1024));
         out.help_type(
             "tcpnetlock_build_info",
@@ -347,41 +352,62 @@ impl ServerMetrics {
             &[("version", env!("CARGO_PKG_VERSION"))],
             "1",
         );
-        out.counter_vec(
-            "tcpnetlock_requests_total",
-            "First requests of connections, by kind (bad: answered bad-action, bad-request or \
-             err,invalid).",
-            &self.requests,
+        out.counter(
+            "tcpnetlock_connections_accepted_total",
+            "Client connections accepted, refused ones included.",
+            totals.accepted,
         );
-        out.counter_vec(
+        out.counter_by(
+            "tcpnetlock_requests_total",
+            "First requests of connections, by kind (bad: answered bad-action, bad-request, \
+             err,invalid or an HTTP 400 or 431).",
+            |kind| self.requests.get(kind),
+        );
+        out.counter_by(
             "tcpnetlock_grants_total",
             "Locks granted, at once or after waiting in the queue.",
-            &self.grants,
+            |how| match how {
+                Grant::Immediate => totals.granted_immediately,
+                Grant::AfterWait => totals.granted_after_wait,
+            },
         );
-        out.counter_vec(
+        out.counter(
+            "tcpnetlock_shared_grants_total",
+            "Locks granted in shared mode (shared:1), also counted in tcpnetlock_grants_total.",
+            totals.granted_shared,
+        );
+        out.counter_by(
             "tcpnetlock_refusals_total",
             "Lock requests refused at once: not-granted (held or waited for) or a max mismatch.",
-            &self.refusals,
+            |why| match why {
+                Refusal::NotGranted => totals.not_granted,
+                Refusal::MaxMismatch => totals.max_mismatches,
+            },
         );
         out.counter(
             "tcpnetlock_wait_timeouts_total",
             "Queued lock requests whose wait ran out (answered not-granted).",
-            &self.wait_timeouts,
+            totals.wait_timeouts,
         );
         out.counter(
             "tcpnetlock_lease_expiries_total",
             "Locks revoked because the holder sent nothing for its ttl.",
-            &self.lease_expiries,
+            totals.lease_expiries,
         );
-        out.counter_vec(
+        out.counter_by(
             "tcpnetlock_releases_total",
             "Holders that let go: by release, or by their connection ending.",
-            &self.releases,
+            |how| self.releases.get(how),
         );
-        out.counter_vec(
+        out.counter_by(
             "tcpnetlock_refused_connections_total",
             "Connections refused because a limit was reached.",
-            &self.refused_connections,
+            |why| self.refused_connections.get(why),
+        );
+        out.counter(
+            "tcpnetlock_log_lines_dropped_total",
+            "Log lines dropped because the log destination did not keep up.",
+            totals.log_lines_dropped,
         );
         out.histogram(
             "tcpnetlock_wait_seconds",
@@ -432,9 +458,12 @@ impl ServerMetrics {
             .started
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO);
+        // The process_* help texts are the Go client library's, word for word: a Go program that
+        // gathers these families together with its own (node_exporter's textfile collector, a
+        // federating exporter) refuses one family with two help texts.
         out.gauge(
             "process_start_time_seconds",
-            "Start time of the process since the Unix epoch, in seconds.",
+            "Start time of the process since unix epoch in seconds.",
             &decimal_seconds(started.as_secs(), started.subsec_micros() as u64, 6),
         );
         let process_gauges = [
@@ -488,15 +517,17 @@ impl Text {
         let _ = writeln!(self.0, " {value}");
     }
 
-    fn counter(&mut self, name: &str, help: &str, c: &Counter) {
+    fn counter(&mut self, name: &str, help: &str, value: u64) {
         self.help_type(name, help, "counter");
-        self.sample(name, &[], &c.get().to_string());
+        self.sample(name, &[], &value.to_string());
     }
 
-    fn counter_vec<L: LabelSet>(&mut self, name: &str, help: &str, v: &CounterVec<L>) {
+    /// A counter with one label: a sample for each of its values, `count` of each.
+    fn counter_by<L: LabelSet>(&mut self, name: &str, help: &str, count: impl Fn(L) -> u64) {
         self.help_type(name, help, "counter");
-        for (value, c) in L::VALUES.iter().zip(v.counts.iter()) {
-            self.sample(name, &[(L::KEY, value)], &c.get().to_string());
+        for &value in L::ALL {
+            let text = L::VALUES[value.index()];
+            self.sample(name, &[(L::KEY, text)], &count(value).to_string());
         }
     }
 
@@ -669,7 +700,11 @@ mod tests {
 
     #[test]
     fn every_label_value_is_rendered_from_the_start_at_zero() {
-        let text = ServerMetrics::new().render_with(&Gauges::default(), &Process::default());
+        let text = ServerMetrics::new().render_with(
+            &Totals::default(),
+            &Gauges::default(),
+            &Process::default(),
+        );
         for kind in RequestKind::VALUES {
             assert_eq!(
                 sample(
@@ -699,16 +734,23 @@ mod tests {
         m.request(RequestKind::Lock);
         m.request(RequestKind::Lock);
         m.request(RequestKind::Bad);
-        m.granted_immediately();
         m.granted_after_wait(Duration::from_millis(3));
         m.granted_after_wait(Duration::from_secs(400));
-        m.refused(Refusal::NotGranted);
-        m.refused(Refusal::MaxMismatch);
-        m.wait_timed_out();
         m.lease_expired(Duration::from_secs(10));
         m.released(Release::Release, Duration::from_micros(50));
         m.released(Release::Disconnect, Duration::from_secs(7200));
         m.connection_refused(ConnRefusal::OutOfFds);
+        let totals = Totals {
+            accepted: 21,
+            granted_immediately: 1,
+            granted_after_wait: 2,
+            granted_shared: 3,
+            not_granted: 4,
+            max_mismatches: 5,
+            wait_timeouts: 6,
+            lease_expiries: 7,
+            log_lines_dropped: 8,
+        };
         let gauges = Gauges {
             locks_held: 2,
             holders: 3,
@@ -722,17 +764,20 @@ mod tests {
             open_fds: Some(12),
             max_fds: None,
         };
-        let text = m.render_with(&gauges, &process);
+        let text = m.render_with(&totals, &gauges, &process);
         let expect = [
+            ("tcpnetlock_connections_accepted_total", "21"),
             ("tcpnetlock_requests_total{kind=\"lock\"}", "2"),
             ("tcpnetlock_requests_total{kind=\"ping\"}", "0"),
             ("tcpnetlock_requests_total{kind=\"bad\"}", "1"),
             ("tcpnetlock_grants_total{how=\"immediate\"}", "1"),
             ("tcpnetlock_grants_total{how=\"after_wait\"}", "2"),
-            ("tcpnetlock_refusals_total{reason=\"not_granted\"}", "1"),
-            ("tcpnetlock_refusals_total{reason=\"max_mismatch\"}", "1"),
-            ("tcpnetlock_wait_timeouts_total", "1"),
-            ("tcpnetlock_lease_expiries_total", "1"),
+            ("tcpnetlock_shared_grants_total", "3"),
+            ("tcpnetlock_refusals_total{reason=\"not_granted\"}", "4"),
+            ("tcpnetlock_refusals_total{reason=\"max_mismatch\"}", "5"),
+            ("tcpnetlock_wait_timeouts_total", "6"),
+            ("tcpnetlock_lease_expiries_total", "7"),
+            ("tcpnetlock_log_lines_dropped_total", "8"),
             ("tcpnetlock_releases_total{how=\"release\"}", "1"),
             ("tcpnetlock_releases_total{how=\"disconnect\"}", "1"),
             (
@@ -780,7 +825,7 @@ mod tests {
     fn every_family_has_help_then_type_then_its_samples_only() {
         let m = ServerMetrics::new();
         m.granted_after_wait(Duration::from_secs(1));
-        let text = m.render(&Gauges::default());
+        let text = m.render(&Totals::default(), &Gauges::default());
         assert!(text.ends_with('\n'));
         let mut family = String::new();
         let mut seen = std::collections::HashSet::new();
@@ -815,7 +860,7 @@ mod tests {
         );
         // stdin, stdout, stderr at least.
         assert!(p.open_fds.is_some_and(|n| n >= 3), "{:?}", p.open_fds);
-        let text = ServerMetrics::new().render(&Gauges::default());
+        let text = ServerMetrics::new().render(&Totals::default(), &Gauges::default());
         assert!(sample(&text, "process_resident_memory_bytes").is_some());
         let start: f64 = sample(&text, "process_start_time_seconds")
             .unwrap()
@@ -852,18 +897,18 @@ mod tests {
                 s.spawn(move || {
                     for i in 0..10_000u64 {
                         m.granted_after_wait(Duration::from_micros(t * 1000 + i % 7));
-                        m.granted_immediately();
+                        m.request(RequestKind::Lock);
                     }
                 });
             }
         });
-        let text = m.render(&Gauges::default());
+        let text = m.render(&Totals::default(), &Gauges::default());
         assert_eq!(
             sample(&text, "tcpnetlock_wait_seconds_count"),
             Some("80000")
         );
         assert_eq!(
-            sample(&text, "tcpnetlock_grants_total{how=\"immediate\"}"),
+            sample(&text, "tcpnetlock_requests_total{kind=\"lock\"}"),
             Some("80000")
         );
         // Sum of t*1000 + i%7 µs over every thread and iteration.

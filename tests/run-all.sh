@@ -11,13 +11,13 @@ cd "$(dirname "$0")/.."
 # The tests start real clients and tools: every nc variant, socat, busybox, bash's /dev/tcp,
 # systemd-socket-activate, ss, ip (network namespaces: tests/faults_netns.rs), vmstat (0.1.8's CLI
 # tests), strace (the token reservation's fsyncs: tests/tokens.rs), python3 with venv (0.1.8
-# itself), promtool and a real Prometheus, and curl (the metrics: tests/metrics.rs,
+# itself), promtool, a real Prometheus and node_exporter, and curl (the metrics: tests/metrics.rs,
 # tests/prometheus.rs); the package checks need rpm (rpmbuild too), file, man, lintian and
 # rpmlint; the end-to-end test debootstrap and nspawn; the etcd tests (tests/etcd_client.rs) a
 # real etcd, etcdctl, and openssl for TLS certificates.
 packages=(netcat-openbsd netcat-traditional ncat busybox socat systemd iproute2 procps strace
-    prometheus curl rpm file man-db lintian rpmlint debootstrap systemd-container etcd-server
-    etcd-client openssl)
+    prometheus prometheus-node-exporter curl rpm file man-db lintian rpmlint debootstrap
+    systemd-container etcd-server etcd-client openssl)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -90,7 +90,7 @@ enum Command {
     /// Check that the server answers.
     Ping(status::StatusArgs),
     /// Show the server's counters.
-    Stats(status::StatusArgs),
+    Stats(status::StatsArgs),
     /// Show the locks held now, their holders and waiters.
     Locks(status::StatusArgs),
 }

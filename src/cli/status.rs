@@ -53,7 +53,27 @@ pub fn ping(args: StatusArgs) -> Result<u8, Fail> {
     }
 }
 
-pub fn stats(args: StatusArgs) -> Result<u8, Fail> {
+#[derive(Debug, Args)]
+#[command(after_help = EXIT_CODES)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    status: StatusArgs,
+
+    /// Print the server's Prometheus metrics instead, in the text format (what `GET /metrics`
+    /// on the lock port answers), for node_exporter's textfile collector.
+    #[arg(long, conflicts_with = "json")]
+    prometheus: bool,
+}
+
+pub fn stats(args: StatsArgs) -> Result<u8, Fail> {
+    let StatsArgs {
+        status: args,
+        prometheus,
+    } = args;
+    if prometheus {
+        let text = args.server.client().metrics().map_err(|e| failure(&e))?;
+        return show(&prometheus_text(&text)?);
+    }
     let text = args.server.client().stats_json().map_err(|e| failure(&e))?;
     let stats: Stats = parse(&text)?;
     if args.json {
@@ -74,6 +94,38 @@ pub fn locks(args: StatusArgs) -> Result<u8, Fail> {
     } else {
         show(&render_locks(&locks))
     }
+}
+
+/// The metrics text to pass on: as sent, without the `process_*` families, which describe the
+/// server's process and which node_exporter exports about its own under the same names (its
+/// textfile collector fails a whole scrape over a duplicate). Text that a terminal would act
+/// on (an escape sequence) is refused rather than passed on or changed.
+fn prometheus_text(text: &str) -> Result<String, Fail> {
+    if let Some((n, line)) = text.lines().enumerate().find(|(_, l)| printable(l) != *l) {
+        return Err(Fail::new(
+            EXIT_FAILURE,
+            &format!(
+                "the server's metrics text has a control character on line {}: {}",
+                n + 1,
+                printable(line)
+            ),
+        ));
+    }
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let name = match line
+            .strip_prefix("# HELP ")
+            .or(line.strip_prefix("# TYPE "))
+        {
+            Some(rest) => rest,
+            None => line,
+        };
+        if !name.starts_with("process_") {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    Ok(out)
 }
 
 /// Writes the answer. A reader that has gone (`| head -1`) has all it wanted: no error, as

@@ -87,6 +87,10 @@ const LOCKS_LINE_MAX: usize = 64 << 20;
 /// a holder. The longest a tcpnetlock server writes is `.stats`, under 1 KB.
 const LINE_MAX: usize = 64 << 10;
 
+/// The longest metrics text accepted. A tcpnetlock server sends about 7 KB; the bound is for a
+/// broken or hostile server, as [`LOCKS_LINE_MAX`] is.
+const METRICS_MAX: usize = 16 << 20;
+
 /// The longest wait, ttl, renewal interval or timeout: the protocol's limit for `wait:` and
 /// `ttl:`, a week. Longer is a mistake, and bounded durations keep every deadline computable.
 const WEEK: Duration = Duration::from_secs(MAX_SECONDS);
@@ -363,6 +367,79 @@ impl Client {
     /// ```
     pub fn locks_json(&self) -> Result<String, Error> {
         self.ask(".locks", "locks,", LOCKS_LINE_MAX)
+    }
+
+    /// The server's metrics in the Prometheus text format, as sent: the body of its answer to
+    /// `GET /metrics` on the lock port (docs/PROTOCOL.md), what `tcpnetlock stats --prometheus`
+    /// prints. A server without metrics (tcpnetlock 0.2 and before, 0.1.8) answers `bad-action`,
+    /// which is a [`Error::Protocol`] naming that answer.
+    ///
+    /// ```no_run
+    /// use tcpnetlock::client::Client;
+    ///
+    /// let text = Client::new("localhost", 7654).metrics()?;
+    /// for line in text.lines().filter(|l| l.starts_with("tcpnetlock_grants_total")) {
+    ///     println!("{line}");
+    /// }
+    /// # Ok::<(), tcpnetlock::client::Error>(())
+    /// ```
+    pub fn metrics(&self) -> Result<String, Error> {
+        let stream = self.connect()?;
+        // HTTP/1.0 needs no Host line; `send` ends the blank line that ends the head.
+        send(&stream, "GET /metrics HTTP/1.0\r\n\r", self.reply_timeout)?;
+        // One deadline for the whole answer: a server that trickles it out is given up on too.
+        let deadline = Deadline::after(self.reply_timeout);
+        let mut replies = Replies::new(LINE_MAX);
+        let mut next = || -> Result<Option<String>, Error> { replies.line(&stream, deadline) };
+        let status = next()?.ok_or_else(closed_without_answer)?;
+        let Some(rest) = status.strip_prefix("HTTP/1.") else {
+            return Err(match status.strip_prefix("err,") {
+                Some(msg) => Error::Server(msg.to_owned()),
+                None => Error::Protocol(format!(
+                    "the server answered GET /metrics with {status:?}, not HTTP: it does not \
+                     serve metrics (tcpnetlock 0.2 and before answer bad-action)"
+                )),
+            });
+        };
+        let code = rest.get(2..5).unwrap_or("");
+        let mut length = None;
+        loop {
+            let line = next()?.ok_or_else(|| {
+                Error::Protocol("the server closed the connection in the HTTP head".into())
+            })?;
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse::<usize>().ok();
+            }
+        }
+        let mut body = String::new();
+        while let Some(line) = next()? {
+            body.push_str(&line);
+            body.push('\n');
+            if body.len() > METRICS_MAX {
+                return Err(Error::Protocol(format!(
+                    "the metrics text is over {METRICS_MAX} bytes (is it a tcpnetlock server?)"
+                )));
+            }
+        }
+        if code != "200" {
+            let reason = rest.get(6..).unwrap_or("");
+            return Err(Error::Server(format!(
+                "GET /metrics: {code} {reason}: {}",
+                body.trim_end()
+            )));
+        }
+        match length {
+            Some(n) if n != body.len() => Err(Error::Protocol(format!(
+                "the metrics text was cut short: {} of the {n} bytes announced",
+                body.len()
+            ))),
+            _ => Ok(body),
+        }
     }
 
     /// One request on a fresh connection; the reply, at most `max` bytes, must start with

@@ -15,12 +15,14 @@ use log::{debug, warn};
 
 use super::conn::{self, Conn};
 use super::{Server, pool};
+use crate::metrics::ConnRefusal;
 use crate::table::ConnId;
 use tcpnetlock::protocol::Reply;
 
 /// Connections past a limit (`--max-connections`, or a peer's) that are still read, so that
 /// health checks and monitoring are answered when the server is full of holders: they may ask
-/// `.ping`, `.stats` or `.locks` (a lock request gets the refusal), within a short time.
+/// `.ping`, `.stats`, `.locks` or `GET /metrics` (a lock request gets the refusal), within a
+/// short time.
 const STATUS_RESERVE: usize = 64;
 const PEER_STATUS_RESERVE: usize = 4;
 pub(super) const STATUS_ONLY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -115,7 +117,7 @@ impl Server {
                         Ok(()) => return conn::serve(conn),
                         Err(e) => {
                             warn!("{peer}: refused: cannot start a worker thread: {e}");
-                            refuse(conn.stream, &Reply::err("server busy"));
+                            self.refuse(conn.stream, ConnRefusal::ServerBusy);
                         }
                     }
                 }
@@ -145,7 +147,7 @@ impl Server {
             peer: None,
         };
         let max = self.config.max_connections;
-        let mut limited = (open > max).then_some(TOO_MANY);
+        let mut limited = (open > max).then_some(ConnRefusal::MaxConnections);
         if let Some(per_peer_max) = self.config.max_connections_per_peer {
             let ip = peer.ip().to_canonical();
             let from_peer = {
@@ -158,15 +160,15 @@ impl Server {
             if from_peer > per_peer_max {
                 if from_peer > per_peer_max + PEER_STATUS_RESERVE {
                     debug!("{peer}: refused: {from_peer} connections open from {ip}");
-                    refuse(stream, &Reply::err(TOO_MANY_FROM_PEER));
+                    self.refuse(stream, ConnRefusal::MaxConnectionsPerPeer);
                     return None;
                 }
-                limited = Some(TOO_MANY_FROM_PEER);
+                limited = Some(ConnRefusal::MaxConnectionsPerPeer);
             }
         }
         if open > max + STATUS_RESERVE {
             debug!("{peer}: refused: {open} connections open");
-            refuse(stream, &Reply::err(TOO_MANY));
+            self.refuse(stream, ConnRefusal::MaxConnections);
             return None;
         }
         Some(Conn {
@@ -189,21 +191,29 @@ impl Server {
         if reserve.take().is_some()
             && let Ok((stream, _)) = listener.accept()
         {
-            refuse(stream, &Reply::err("server out of file descriptors"));
+            self.refuse(stream, ConnRefusal::OutOfFds);
         }
         *reserve = listener.try_clone().ok();
         drop(reserve);
         thread::sleep(Duration::from_millis(10));
     }
+
+    /// Tells a client it cannot be served, and why, and closes, without ever blocking the
+    /// acceptor: a fresh socket's send buffer is empty, so the line fits.
+    fn refuse(&self, mut stream: TcpStream, why: ConnRefusal) {
+        self.metrics.connection_refused(why);
+        let _ = stream.set_nonblocking(true);
+        let _ = stream.write_all(&Reply::err(refusal_text(why)).to_line());
+        let _ = stream.shutdown(Shutdown::Write);
+    }
 }
 
-const TOO_MANY: &str = "too many connections";
-const TOO_MANY_FROM_PEER: &str = "too many connections from your address";
-
-/// Tells a client it cannot be served and closes, without ever blocking the acceptor: a fresh
-/// socket's send buffer is empty, so the line fits.
-fn refuse(mut stream: TcpStream, reply: &Reply) {
-    let _ = stream.set_nonblocking(true);
-    let _ = stream.write_all(&reply.to_line());
-    let _ = stream.shutdown(Shutdown::Write);
+/// The `err,` message of a refused connection.
+pub(super) fn refusal_text(why: ConnRefusal) -> &'static str {
+    match why {
+        ConnRefusal::MaxConnections => "too many connections",
+        ConnRefusal::MaxConnectionsPerPeer => "too many connections from your address",
+        ConnRefusal::ServerBusy => "server busy",
+        ConnRefusal::OutOfFds => "server out of file descriptors",
+    }
 }

@@ -1,5 +1,7 @@
 //! One connection's life: read the first request, answer it, and if it was a granted `lock`,
-//! hold until the client releases or is gone.
+//! hold until the client releases or is gone. A first line that is exactly Prometheus' request
+//! line (`GET /metrics HTTP/1.1`, or 1.0) is HTTP instead: the head is read and the metrics sent
+//! (see [`crate::http`] for why the exact line and nothing else).
 //!
 //! "Gone" is decided here, and it is where 0.1.8 was wrong: end-of-file on the socket only means
 //! the client shut down its sending side (`nc -N`, ncat, busybox nc and socat all do so when their
@@ -14,7 +16,7 @@ use std::mem::MaybeUninit;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, info, warn};
 
@@ -22,6 +24,8 @@ use super::Server;
 use super::framing::{ReadError, Requests};
 use super::link::Link;
 use super::locks::Unavailable;
+use crate::http::{self, HttpError};
+use crate::metrics::{self, ConnRefusal, Release, RequestKind};
 use crate::table::{self, ConnId, Decision, Left, State};
 use tcpnetlock::protocol::{HeldRequest, LockRequest, Reply, Request};
 
@@ -44,9 +48,9 @@ pub(super) struct Conn {
     pub(super) peer: SocketAddr,
     pub(super) id: ConnId,
     pub(super) server: Arc<Server>,
-    /// Admitted past a connection limit: it may ask for status, and a lock request gets this
-    /// refusal.
-    pub(super) limited: Option<&'static str>,
+    /// Admitted past a connection limit: it may ask for status, and a lock request is refused
+    /// for this limit.
+    pub(super) limited: Option<ConnRefusal>,
     /// Decrements the server's open-connection count when the connection ends, however it ends.
     pub(super) _open: super::accept::OpenGuard,
 }
@@ -74,25 +78,42 @@ pub(super) fn serve(conn: Conn) {
         Ok(line) => line,
         Err(ReadError::Eof { partial: false }) => return,
         Err(ReadError::Eof { partial: true }) | Err(ReadError::TooLong) => {
+            server.metrics.request(RequestKind::Bad);
             return finish(&stream, &Reply::BadRequest);
         }
         Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
             debug!("{peer}: no complete request within the request timeout, closing");
             // Past a limit, the reason it was not served is the limit.
-            return finish(&stream, &Reply::err(limited.unwrap_or("request timeout")));
+            return match limited {
+                Some(why) => refuse_limited(server, &stream, why),
+                None => finish(&stream, &Reply::err("request timeout")),
+            };
         }
         Err(ReadError::Io(e)) => {
             debug!("{peer}: {e}");
             return;
         }
     };
+    if let Some(version) = http::metrics_request(line) {
+        return serve_metrics(server, &stream, &mut reader, deadline, version, peer);
+    }
     let request = match Request::parse(line, server.config.max_name_len) {
         Ok(r) => r,
         Err(reply) => {
             debug!("{peer}: {reply} for {:?}", String::from_utf8_lossy(line));
+            server.metrics.request(RequestKind::Bad);
             return finish(&stream, &reply);
         }
     };
+    // Counted before the answer goes out: a client that has its answer finds it counted.
+    server.metrics.request(match request {
+        Request::Ping | Request::PingServing => RequestKind::Ping,
+        Request::Info => RequestKind::Info,
+        Request::Stats => RequestKind::Stats,
+        Request::Locks => RequestKind::Locks,
+        Request::Shutdown => RequestKind::Shutdown,
+        Request::Lock(_) => RequestKind::Lock,
+    });
     match request {
         Request::Ping => finish(&stream, &Reply::Pong),
         Request::PingServing => {
@@ -112,15 +133,85 @@ pub(super) fn serve(conn: Conn) {
         Request::Stats => finish(&stream, &Reply::Stats(server.stats_json())),
         Request::Locks => finish(&stream, &Reply::Locks(server.locks_json())),
         Request::Shutdown => shutdown(server, &stream, peer),
-        Request::Lock(_) if let Some(refusal) = limited => {
-            debug!("{peer}: lock refused: {refusal}");
-            finish(&stream, &Reply::err(refusal));
+        Request::Lock(_) if let Some(why) = limited => {
+            debug!("{peer}: lock refused: {}", super::accept::refusal_text(why));
+            refuse_limited(server, &stream, why);
         }
         Request::Lock(req) => {
             if let Some(session) = Session::start(server, stream, peer, id, &req) {
                 session.run(&mut reader);
             }
         }
+    }
+}
+
+/// A connection admitted past a limit asked for a lock, or for nothing in time: it is refused
+/// for that limit.
+fn refuse_limited(server: &Server, stream: &TcpStream, why: ConnRefusal) {
+    server.metrics.connection_refused(why);
+    finish(stream, &Reply::err(super::accept::refusal_text(why)));
+}
+
+/// `GET /metrics`: the rest of the request head is read under the first line's deadline and
+/// checked, then the metrics are sent and the connection closed (`Connection: close`).
+fn serve_metrics(
+    server: &Server,
+    stream: &TcpStream,
+    reader: &mut Requests,
+    deadline: Instant,
+    version: http::Version,
+    peer: SocketAddr,
+) {
+    let mut head = http::Head::new(version);
+    let checked = loop {
+        let line = match reader.next_line(stream, Some(deadline)) {
+            Ok(line) => line,
+            // A header line longer than --max-line-length.
+            Err(ReadError::TooLong) => break Err(HttpError::TooLarge),
+            Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                break Err(HttpError::TimedOut);
+            }
+            // The client can still read (`echo 'GET /metrics HTTP/1.0' | nc -N`): tell it.
+            Err(ReadError::Eof { .. }) => {
+                break Err(HttpError::Malformed(
+                    "the request ended before the blank line that ends its head",
+                ));
+            }
+            Err(ReadError::Io(e)) => {
+                debug!("{peer}: GET /metrics: {e}");
+                return;
+            }
+        };
+        match head.line(line) {
+            Ok(false) => {}
+            Ok(true) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    let now = SystemTime::now();
+    let response = match checked {
+        Ok(()) => {
+            server.metrics.request(RequestKind::Metrics);
+            let text = server.metrics_text();
+            http::response(
+                http::Status::OK,
+                metrics::CONTENT_TYPE,
+                text.as_bytes(),
+                now,
+            )
+        }
+        Err(e) => {
+            debug!("{peer}: GET /metrics refused: {}", e.message());
+            // A timeout is not a request, as on the line protocol.
+            if e != HttpError::TimedOut {
+                server.metrics.request(RequestKind::Bad);
+            }
+            http::error_response(&e, now)
+        }
+    };
+    let mut out = stream;
+    if out.write_all(&response).is_ok() {
+        finish_quietly(stream);
     }
 }
 
@@ -200,7 +291,8 @@ impl<'a> Session<'a> {
             let line = match reader.next_line(stream, None) {
                 Ok(line) => line,
                 Err(ReadError::TooLong) => {
-                    self.leave();
+                    // Closed by the server: to the holder, as if its connection had ended.
+                    self.leave(Release::Disconnect);
                     let _ = self.link.reply(&Reply::BadRequest);
                     return finish_quietly(stream);
                 }
@@ -230,7 +322,7 @@ impl<'a> Session<'a> {
                 Ok(HeldRequest::Release) => {
                     // Free the lock before saying so: a client that reads `released` and
                     // tells another to go ahead must find the lock free.
-                    self.leave();
+                    self.leave(Release::Release);
                     if self.link.reply(&Reply::Released).is_ok() {
                         finish_quietly(stream);
                     }
@@ -245,15 +337,19 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Leaves the table and hands the place on. Idempotent: the table ignores a second call.
-    fn leave(&self) {
+    /// Leaves the table and hands the place on; a holder's leaving is counted as `how`.
+    /// Idempotent: the table ignores a second call.
+    fn leave(&self, how: Release) {
         match self.server.locks.leave(&self.link.name, self.id) {
-            Left::Held(d) => debug!(
-                "{}: lock {}: released after holding {:.3}s",
-                self.peer,
-                self.link.name,
-                d.as_secs_f64()
-            ),
+            Left::Held(d) => {
+                self.server.metrics.released(how, d);
+                debug!(
+                    "{}: lock {}: released after holding {:.3}s",
+                    self.peer,
+                    self.link.name,
+                    d.as_secs_f64()
+                )
+            }
             Left::Waited(d) => debug!(
                 "{}: lock {}: left the queue after {:.3}s",
                 self.peer,
@@ -290,7 +386,7 @@ impl<'a> Session<'a> {
 
 impl Drop for Session<'_> {
     fn drop(&mut self) {
-        self.leave();
+        self.leave(Release::Disconnect);
     }
 }
 

@@ -10,6 +10,12 @@
 //! Every implementation keeps the same promises: a grant line reaches its client before anything
 //! decided after it; nothing is written to a socket while state is locked; deadlines (leases,
 //! waits) are enforced on time, however they moved.
+//!
+//! And counts the same way: every decision in [`Locks::counts`] (`.stats` and the metrics' totals
+//! read it), and in the server's [`ServerMetrics`](crate::metrics::ServerMetrics) what only it
+//! sees happen: how long each waiter granted had waited, how long each expired holder had held,
+//! and each holder it finds gone while handing it a grant (a release by disconnect). The
+//! connection counts its own release, since only it knows how it let go.
 
 use std::io;
 use std::sync::Arc;

@@ -6,7 +6,10 @@
 //!   sleeps towards (a waiter granted by a release starts its lease *now*);
 //! - no socket I/O happens under the table mutex: decisions are made under it, and carried out
 //!   (grant lines, `expired`, `not-granted`) after it is let go;
-//! - a grant line reaches its client before anything decided after it ([`Link`]).
+//! - a grant line reaches its client before anything decided after it ([`Link`]);
+//! - what it decides for other connections is counted where it is carried out: the table counts
+//!   every decision (for `.stats` and the metrics' totals), and [`MemoryLocks::deliver`] observes
+//!   the durations (a waiter's wait, an expired holder's hold) and the holders it finds gone.
 //!
 //! Connections only say what happened (`lock`, `renew`, `leave`); whatever that means for other
 //! connections is told to them here, through their [`Link`]s.
@@ -22,6 +25,7 @@ use log::debug;
 use super::link::Link;
 use super::locks::{Counts, Locks, Unavailable};
 use super::tokens::Tokens;
+use crate::metrics::{Release, ServerMetrics};
 use crate::table::{self, Claim, ConnId, Decision, Event, Left, LockInfo, State, Table};
 use tcpnetlock::protocol::Reply;
 
@@ -36,6 +40,7 @@ pub struct MemoryLocks {
     /// for milliseconds; eight readers, each with a copy of its own, held it for tens).
     copies: Mutex<Copies>,
     copy_done: Condvar,
+    metrics: Arc<ServerMetrics>,
 }
 
 struct Inner {
@@ -48,9 +53,10 @@ struct Inner {
 type Events = Vec<Event<Arc<Link>>>;
 
 impl MemoryLocks {
-    pub fn new(first_token: u64, tokens: Tokens) -> MemoryLocks {
+    pub fn new(first_token: u64, tokens: Tokens, metrics: Arc<ServerMetrics>) -> MemoryLocks {
         MemoryLocks {
             tokens,
+            metrics,
             inner: Mutex::new(Inner {
                 table: Table::new(first_token),
                 timer_sleeps_until: None,
@@ -106,40 +112,48 @@ impl MemoryLocks {
     /// gone: its place passes on at once (in a loop, not by recursion: a queue of departed
     /// waiters may be long).
     fn deliver(&self, events: Events) {
-        self.deliver_with(events, true);
-    }
-
-    fn deliver_quietly(&self, events: Events) {
         self.deliver_with(events, false);
     }
 
-    fn deliver_with(&self, events: Events, log_grants: bool) {
+    /// `own_first`: the first event is the requester's own immediate grant, which waited for
+    /// nothing and which its connection's thread logs, with its peer.
+    fn deliver_with(&self, events: Events, own_first: bool) {
         let mut pending = VecDeque::from(events);
+        let mut own = own_first;
         while let Some(event) = pending.pop_front() {
+            let own_grant = std::mem::take(&mut own);
             match event {
                 Event::Granted {
                     conn,
                     token,
+                    waited,
                     handle,
-                    ..
                 } => {
+                    if !own_grant {
+                        self.metrics.granted_after_wait(waited);
+                    }
                     // The reservation is stored before the token leaves the server.
                     self.tokens.cover(token);
                     match handle.write_grant(token) {
-                        Ok(()) if log_grants => {
+                        Ok(()) if !own_grant => {
                             debug!("lock {}: granted to a waiter (token {token})", handle.name)
                         }
                         Ok(()) => {}
                         Err(e) => {
                             debug!("lock {}: grant to a departed client ({e})", handle.name);
                             let mut inner = self.inner();
-                            let (_, more) = inner.table.leave(&handle.name, conn, Instant::now());
+                            let (left, more) =
+                                inner.table.leave(&handle.name, conn, Instant::now());
                             pending.extend(self.settle(inner, more));
+                            if let Left::Held(held) = left {
+                                self.metrics.released(Release::Disconnect, held);
+                            }
                         }
                     }
                 }
-                Event::Expired { handle, .. } => {
+                Event::Expired { held, handle, .. } => {
                     debug!("lock {}: lease expired", handle.name);
+                    self.metrics.lease_expired(held);
                     handle.end_with(&Reply::Expired);
                 }
                 Event::TimedOut { handle, .. } => {
@@ -220,7 +234,7 @@ impl Locks for MemoryLocks {
         };
         let granted = self.settle(inner, granted);
         // The connection's own thread logs its grant, with its peer.
-        self.deliver_quietly(granted);
+        self.deliver_with(granted, true);
         Ok(decision)
     }
 

@@ -5,6 +5,8 @@
 //! [`memory`]) and answers. What a change means for other connections, the lock state tells them
 //! through their [`link`]s. Threads come from the worker [`pool`]; the main thread is systemd's
 //! and the signals' ([`lifecycle`]). Nothing is written to a socket while lock state is locked.
+//! What the server says about itself ([`report`]: `.stats`, `.locks`, the Prometheus metrics)
+//! is read from the lock state's counts and the server's own counters at the moment of asking.
 
 mod accept;
 pub mod config;
@@ -29,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
+use crate::metrics::ServerMetrics;
 use accept::Acceptor;
 pub use config::Config;
 use locks::Locks;
@@ -45,6 +48,9 @@ pub struct Server {
     pub config: Config,
     /// The lock state, and the only way to change it.
     pub locks: Arc<dyn Locks>,
+    /// What the server counts for Prometheus, beyond the lock state's own totals; shared with
+    /// the lock state, which observes the waits and expiries it decides.
+    pub metrics: Arc<ServerMetrics>,
     pool: pool::Pool<Acceptor>,
     started: Instant,
     /// Connections accepted since start (0.1.8's `requests_count`).
@@ -64,9 +70,11 @@ impl Server {
     /// Fails only when the token reservation in `--state-dir` cannot be read or written.
     pub fn new(config: Config) -> io::Result<Arc<Server>> {
         let (first_token, tokens) = tokens::Tokens::start(config.state_dir.as_deref())?;
+        let metrics = Arc::new(ServerMetrics::new());
         Ok(Arc::new(Server {
             config,
-            locks: Arc::new(MemoryLocks::new(first_token, tokens)),
+            locks: Arc::new(MemoryLocks::new(first_token, tokens, Arc::clone(&metrics))),
+            metrics,
             pool: pool::Pool::new(IDLE_WORKER_TIMEOUT, WORKER_STACK, Acceptor::run),
             started: Instant::now(),
             requests: AtomicU64::new(0),

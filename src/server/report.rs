@@ -1,11 +1,13 @@
 //! What the server reports about itself: `.stats` and `.locks` (0.1.8's keys first, then what
-//! an operator needs) and the one line `systemctl status` shows.
+//! an operator needs), the Prometheus metrics, and the one line `systemctl status` shows. The
+//! metrics and `.stats` read the same counts, so they always agree.
 
 use std::sync::atomic::Ordering;
 
 use tcpnetlock::status::{HolderInfo, Info, LockInfo, Locks, Mode, Stats, WaiterInfo};
 
 use super::{Server, locks};
+use crate::metrics::{Gauges, Totals};
 
 impl Server {
     /// `.stats`: 0.1.8's keys first, then what an operator needs.
@@ -41,6 +43,39 @@ impl Server {
         let mut json = String::with_capacity(720);
         s.write_json(&mut json);
         json
+    }
+
+    /// `GET /metrics`: the Prometheus text.
+    pub fn metrics_text(&self) -> String {
+        let locks::Counts {
+            held,
+            holders,
+            waiting,
+            counters: c,
+        } = self.locks.counts();
+        let (threads, idle) = self.pool.size();
+        let totals = Totals {
+            accepted: self.requests.load(Ordering::Relaxed),
+            granted_immediately: c.acquired - c.granted_after_wait,
+            granted_after_wait: c.granted_after_wait,
+            granted_shared: c.shared_acquired,
+            // The table's refusals include the waits that ran out; the metric is of refusals
+            // at once.
+            not_granted: c.not_acquired - c.wait_timeouts,
+            max_mismatches: c.max_mismatches,
+            wait_timeouts: c.wait_timeouts,
+            lease_expiries: c.expired,
+            log_lines_dropped: crate::log::dropped(),
+        };
+        let gauges = Gauges {
+            locks_held: held as u64,
+            holders: holders as u64,
+            waiters: waiting as u64,
+            connections: self.open.load(Ordering::Relaxed) as u64,
+            threads: threads as u64,
+            threads_idle: idle as u64,
+        };
+        self.metrics.render(&totals, &gauges)
     }
 
     /// `.locks`: every held name, sorted, with its holders (longest held first) and its waiters

@@ -234,3 +234,66 @@ fn url_encode(text: &str) -> String {
         })
         .collect()
 }
+
+/// Sends `request` to `addr` as it is and reads until the server closes: (head, body), split at
+/// the first blank line (all of it is the head when there is none, as with a v1 answer).
+pub fn exchange(addr: SocketAddr, request: &[u8]) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(request).unwrap();
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .unwrap_or_else(|e| panic!("{:?}: {e}", String::from_utf8_lossy(request)));
+    let text = String::from_utf8(response).expect("UTF-8");
+    match text.split_once("\r\n\r\n") {
+        Some((head, body)) => (head.to_owned(), body.to_owned()),
+        None => (text, String::new()),
+    }
+}
+
+/// `GET /metrics` as Prometheus sends it. The body, once the head is checked: 200, the text
+/// format's content type, a Content-Length that is the body's.
+pub fn scrape(addr: SocketAddr) -> String {
+    try_scrape(addr).unwrap_or_else(|answer| panic!("GET /metrics: {answer:?}"))
+}
+
+/// [`scrape`], or the whole answer when it is not a 200 (a refused connection's `err,` line).
+pub fn try_scrape(addr: SocketAddr) -> Result<String, String> {
+    let (head, body) = exchange(
+        addr,
+        format!(
+            "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: Prometheus/2.42.0\r\n\
+             Accept: text/plain;version=0.0.4;q=0.5,*/*;q=0.1\r\nAccept-Encoding: gzip\r\n\
+             X-Prometheus-Scrape-Timeout-Seconds: 10\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    if !head.starts_with("HTTP/1.1 200 OK\r\n") {
+        return Err(format!("{head}{body}"));
+    }
+    assert!(
+        head.contains("\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"),
+        "{head}"
+    );
+    assert!(
+        head.contains(&format!("\r\nContent-Length: {}\r\n", body.len())),
+        "{head}"
+    );
+    Ok(body)
+}
+
+/// The value of one series in a metrics text; `series` is written as in the text, labels and
+/// all: `tcpnetlock_grants_total{how="immediate"}`.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.parse().unwrap_or_else(|e| panic!("{series} {v}: {e}")))
+}
+
+/// [`sample`], which must be there.
+pub fn value(text: &str, series: &str) -> f64 {
+    sample(text, series).unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
