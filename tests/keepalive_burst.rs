@@ -28,7 +28,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{BIN, Server, json_number, require_tool, try_lock};
+use common::{Server, json_number, require_tool, try_lock};
 
 /// As many as the reconnect storm. Each is a server thread (128 KiB stack, ~25 KiB
 /// resident: 200 MB for all) and a descriptor on both sides, within the default
@@ -180,7 +180,7 @@ fn holders_of_a_systemd_socket_spread_within_the_units_idle_time() {
                 .with_retries(2),
         )
         .unwrap();
-    let s = spawn_with_passed_socket(&listener);
+    let s = common::spawn_with_passed_socket(&listener, "");
     assert!(
         s.log_text()
             .contains("dead peers dropped within 15s (TCP keepalive idle at most 9s + 2 x 3s)"),
@@ -196,35 +196,6 @@ fn holders_of_a_systemd_socket_spread_within_the_units_idle_time() {
         .collect();
     // 8 whole seconds from 2 to 9.
     check_spread(s.addr.port(), holders.len(), 9.0, 6);
-}
-
-/// Starts the server with `listener` as the socket systemd would pass (fd 3, LISTEN_FDS=1,
-/// LISTEN_PID set by the shell that execs the server, so it is the server's own pid).
-fn spawn_with_passed_socket(listener: &TcpListener) -> Server {
-    use std::os::unix::process::CommandExt;
-    let fd = listener.as_raw_fd();
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(format!(
-            "LISTEN_PID=$$ LISTEN_FDS=1 exec {BIN} server --log stderr"
-        ))
-        .env("LISTEN_FDS", "1");
-    // SAFETY: dup2 and fcntl are async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // dup2 onto itself would keep close-on-exec: clear the flag instead.
-            let ok = if fd == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0) == 0
-            } else {
-                libc::dup2(fd, 3) == 3
-            };
-            if !ok {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Server::spawn(cmd)
 }
 
 /// Leaves a worker thread idle for every holder to come. Without it the server starts a thread

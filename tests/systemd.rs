@@ -141,36 +141,6 @@ fn status_follows_the_lock_count() {
     }
 }
 
-/// Starts the server with `listener` as the socket systemd would pass (fd 3, LISTEN_FDS=1,
-/// LISTEN_PID set by the shell that execs the server, so it is the server's own pid).
-fn spawn_with_passed_socket(listener: &TcpListener, extra: &str) -> Server {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
-    let fd = listener.as_raw_fd();
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(format!(
-            "LISTEN_PID=$$ LISTEN_FDS=1 exec {BIN} server --log stderr {extra}"
-        ))
-        .env("LISTEN_FDS", "1");
-    // SAFETY: dup2 and fcntl are async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // dup2 onto itself would keep close-on-exec: clear the flag instead.
-            let ok = if fd == 3 {
-                libc::fcntl(3, libc::F_SETFD, 0) == 0
-            } else {
-                libc::dup2(fd, 3) == 3
-            };
-            if !ok {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Server::spawn(cmd)
-}
-
 fn keepalive_listener() -> TcpListener {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     socket2::SockRef::from(&l)
@@ -187,7 +157,7 @@ fn keepalive_listener() -> TcpListener {
 #[test]
 fn keepalive_of_a_systemd_socket_is_kept_unless_flags_say_otherwise() {
     let l = keepalive_listener();
-    let s = spawn_with_passed_socket(&l, "");
+    let s = common::spawn_with_passed_socket(&l, "");
     assert!(
         s.log_text()
             .contains("dead peers dropped within 15s (TCP keepalive idle at most 9s + 2 x 3s)"),
@@ -199,7 +169,7 @@ fn keepalive_of_a_systemd_socket_is_kept_unless_flags_say_otherwise() {
     drop(s);
 
     let l = keepalive_listener();
-    let s = spawn_with_passed_socket(&l, "--keepalive-time 30");
+    let s = common::spawn_with_passed_socket(&l, "--keepalive-time 30");
     assert!(
         s.log_text()
             .contains("dead peers dropped within 50s (TCP keepalive idle at most 30s + 4 x 5s)"),

@@ -452,3 +452,34 @@ pub fn is_free(addr: SocketAddr, name: &str) -> bool {
     assert_eq!(c.ask("release"), "released");
     true
 }
+
+/// Starts `tcpnetlock server --log stderr <extra>` with `listener` as the socket systemd would
+/// pass (fd 3, LISTEN_FDS=1, LISTEN_PID set by the shell that execs the server, so it is the
+/// server's own pid).
+pub fn spawn_with_passed_socket(listener: &std::net::TcpListener, extra: &str) -> Server {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "LISTEN_PID=$$ LISTEN_FDS=1 exec {BIN} server --log stderr {extra}"
+        ))
+        .env("LISTEN_FDS", "1");
+    // SAFETY: dup2 and fcntl are async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself would keep close-on-exec: clear the flag instead.
+            let ok = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0) == 0
+            } else {
+                libc::dup2(fd, 3) == 3
+            };
+            if !ok {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Server::spawn(cmd)
+}
