@@ -4,8 +4,15 @@
 //! here is the program's own: [`cli`] parses the command line and runs a subcommand, [`server`]
 //! does the sockets and threads around the lock table ([`table`], a pure state machine), and
 //! [`log`] sends the server's log lines to syslog or stderr without ever blocking a client.
+//! With the `etcd` feature, [`etcd`] is the etcd client behind the cluster mode
+//! (`server::cluster`).
 
 mod cli;
+// A whole client (tests/etcd_client.rs and examples/etcd-probe.rs use all of it); the server
+// needs only part of it.
+#[cfg(feature = "etcd")]
+#[allow(dead_code, unused_imports)]
+mod etcd;
 mod log;
 mod server;
 mod table;

@@ -7,6 +7,8 @@
 //! and the signals' ([`lifecycle`]). Nothing is written to a socket while lock state is locked.
 
 mod accept;
+#[cfg(feature = "etcd")]
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod fdlimit;
@@ -61,12 +63,21 @@ pub struct Server {
 }
 
 impl Server {
-    /// Fails only when the token reservation in `--state-dir` cannot be read or written.
-    pub fn new(config: Config) -> io::Result<Arc<Server>> {
-        let (first_token, tokens) = tokens::Tokens::start(config.state_dir.as_deref())?;
+    /// Fails when the token reservation in `--state-dir` cannot be read or written, or the
+    /// cluster settings cannot work (this build has no cluster mode; a bad URL; a certificate
+    /// that cannot be read): the message says which.
+    pub fn new(config: Config) -> Result<Arc<Server>, String> {
+        let locks: Arc<dyn Locks> = match &config.etcd {
+            None => {
+                let (first_token, tokens) = tokens::Tokens::start(config.state_dir.as_deref())
+                    .map_err(|e| format!("cannot keep the fencing-token reservation: {e}"))?;
+                Arc::new(MemoryLocks::new(first_token, tokens))
+            }
+            Some(settings) => cluster_locks(settings)?,
+        };
         Ok(Arc::new(Server {
             config,
-            locks: Arc::new(MemoryLocks::new(first_token, tokens)),
+            locks,
             pool: pool::Pool::new(IDLE_WORKER_TIMEOUT, WORKER_STACK, Acceptor::run),
             started: Instant::now(),
             requests: AtomicU64::new(0),
@@ -123,4 +134,25 @@ impl Server {
         log::logger().flush();
         std::process::exit(0)
     }
+}
+
+#[cfg(feature = "etcd")]
+fn cluster_locks(settings: &config::EtcdSettings) -> Result<Arc<dyn Locks>, String> {
+    let locks = cluster::EtcdLocks::new(settings).map_err(|e| format!("--etcd: {e}"))?;
+    info!(
+        "cluster mode: lock state in etcd at {} under {}, as member {:?}",
+        locks.endpoints().join(","),
+        settings.prefix,
+        settings.name
+    );
+    Ok(Arc::new(locks))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn cluster_locks(_: &config::EtcdSettings) -> Result<Arc<dyn Locks>, String> {
+    Err(
+        "--etcd: this build has no cluster mode (it was built without the `etcd` feature; \
+         the release binaries and packages have it, or build with `cargo build --features etcd`)"
+            .into(),
+    )
 }

@@ -599,7 +599,11 @@ impl QueueSim {
     }
 
     pub fn state(&self, name: &str, conn: ConnId) -> State {
-        match self.names.get(name).and_then(|l| l.iter().find(|r| r.conn == conn)) {
+        match self
+            .names
+            .get(name)
+            .and_then(|l| l.iter().find(|r| r.conn == conn))
+        {
             Some(r) if r.granted.is_some() => State::Holding,
             Some(_) => State::Waiting,
             None => State::Absent,

@@ -38,7 +38,9 @@ pub enum Place {
     Holds,
     Waits,
     /// The name is held or awaited with another `max` (the first entry's).
-    MaxMismatch { max: u32 },
+    MaxMismatch {
+        max: u32,
+    },
 }
 
 /// How many entries at the head of `entries` (in arrival order) hold.
