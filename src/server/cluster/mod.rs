@@ -77,7 +77,7 @@ pub struct Timing {
     /// How often the lease is renewed: ttl / 3.
     pub renew_every: Duration,
     /// The longest client `ttl:` accepted: 2/3 ttl (the lease a healthy member always has left)
-    /// less the margin and a round trip.
+    /// less the margin and a round trip, in whole milliseconds.
     pub max_client_ttl: Duration,
 }
 
@@ -86,6 +86,9 @@ impl Timing {
         let margin = (ttl / 10).max(Duration::from_millis(500));
         let renew_every = ttl / 3;
         let max_client_ttl = (ttl - renew_every).saturating_sub(margin + RTT_ALLOWANCE);
+        // Whole milliseconds, as `.info` publishes it: a client that asks for the published
+        // bound gets it.
+        let max_client_ttl = Duration::from_millis(max_client_ttl.as_millis() as u64);
         Timing {
             ttl,
             margin,
