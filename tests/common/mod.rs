@@ -95,7 +95,9 @@ fn read_addr(stderr: ChildStderr) -> (SocketAddr, Arc<Mutex<String>>) {
             for marker in ["listening on ", "serving "] {
                 if let Some(rest) = line.split(marker).nth(1) {
                     let addr = rest.split_whitespace().next().unwrap_or("");
-                    if let (Ok(addr), Some(tx)) = (addr.parse::<SocketAddr>(), tx.take()) {
+                    if let Ok(addr) = addr.parse::<SocketAddr>()
+                        && let Some(tx) = tx.take()
+                    {
                         let _ = tx.send(addr);
                     }
                 }

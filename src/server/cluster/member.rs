@@ -141,7 +141,7 @@ impl EtcdLocks {
         }
         match self.sync() {
             Ok(()) => info!(
-                "cluster: serving as {}: etcd lease {} (ttl {} s, renewed every {:.3} s; client \
+                "cluster: member {} serves locks: etcd lease {} (ttl {} s, renewed every {:.3} s; client \
                  ttls up to {:.3} s), token offset {offset}, etcd at {}",
                 self.name,
                 member_id(lease.id),
@@ -258,6 +258,7 @@ impl EtcdLocks {
             }
             inner.watch = Some(watch);
             inner.synced = true;
+            self.lease_changed.notify_all();
             // Keys of ours that vanished while nobody watched.
             let lost: Vec<_> = inner
                 .conns
@@ -417,7 +418,7 @@ impl EtcdLocks {
             match self.sync() {
                 Ok(()) => {
                     k.sync_at = None;
-                    info!("cluster: keyspace read again; serving");
+                    info!("cluster: keyspace read again; locks are served again");
                 }
                 Err(e) => {
                     let reason = format!("cannot read or watch etcd: {}", one_line(&e));
@@ -448,6 +449,7 @@ impl EtcdLocks {
                             id: lease.id,
                             vouched_until: send + ttl,
                         });
+                        self.lease_changed.notify_all();
                     }
                     // Waiters put back while the lease was late: look again.
                     let mut confirm = Vec::new();
@@ -498,6 +500,7 @@ impl EtcdLocks {
             inner.deadlines.clear();
             // Their keys go with the lease.
             inner.to_delete.clear();
+            self.lease_changed.notify_all();
             inner.conns.drain().map(|(_, l)| l).collect()
         };
         let holders = locals.iter().filter(|l| l.stage == Stage::Holding).count();

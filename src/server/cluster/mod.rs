@@ -114,6 +114,9 @@ pub struct EtcdLocks {
     job_queue: Mutex<mpsc::Receiver<Job>>,
     /// Wakes the cleanup thread; paired with `inner`.
     cleanup: Condvar,
+    /// Signalled when the lease is renewed, given up or granted, or the mirror synced; paired
+    /// with `inner`.
+    lease_changed: Condvar,
 }
 
 /// The lease this member holds and how long etcd is sure to keep it.
@@ -292,6 +295,7 @@ impl EtcdLocks {
             jobs,
             job_queue: Mutex::new(job_queue),
             cleanup: Condvar::new(),
+            lease_changed: Condvar::new(),
         })
     }
 
@@ -340,6 +344,38 @@ impl EtcdLocks {
         }
     }
 
+    /// Whether the member vouches for a client with `ttl` ([`Inner::vouches`]), waiting if need
+    /// be for a renewal under way: just before a renewal is acknowledged the lease left is at
+    /// its shortest, and a renewal a little late must neither refuse nor end clients. Gives up
+    /// when the member would stop serving anyway.
+    fn await_vouching<'a>(
+        &'a self,
+        mut inner: MutexGuard<'a, Inner>,
+        ttl: Option<Duration>,
+    ) -> (MutexGuard<'a, Inner>, bool) {
+        loop {
+            let now = Instant::now();
+            if inner.vouches(&self.timing, now, ttl) {
+                return (inner, true);
+            }
+            let Some(lease) = inner.lease.filter(|_| inner.synced) else {
+                return (inner, false);
+            };
+            let stop_at = lease
+                .vouched_until
+                .checked_sub(self.timing.margin)
+                .unwrap_or(now);
+            if now >= stop_at {
+                return (inner, false);
+            }
+            inner = self
+                .lease_changed
+                .wait_timeout(inner, stop_at - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
     fn not_serving(&self, inner: &Inner) -> Unavailable {
         Unavailable(format!("not serving locks: {}", one_line(&inner.reason)))
     }
@@ -356,11 +392,9 @@ impl EtcdLocks {
                 secs_text(self.timing.ttl)
             )));
         }
-        let inner = self.inner();
+        let (inner, vouches) = self.await_vouching(self.inner(), req.ttl);
         match (inner.lease, inner.offset) {
-            (Some(lease), Some(offset)) if inner.vouches(&self.timing, Instant::now(), req.ttl) => {
-                Ok((lease.id, offset))
-            }
+            (Some(lease), Some(offset)) if vouches => Ok((lease.id, offset)),
             _ => Err(self.not_serving(&inner)),
         }
     }
@@ -464,20 +498,27 @@ impl Locks for EtcdLocks {
     }
 
     fn renew(&self, name: &str, conn: ConnId) -> State {
-        let now = Instant::now();
-        let mut inner = self.inner();
+        let inner = self.inner();
         let Some(local) = inner.conns.get(&conn).filter(|l| *l.name == *name) else {
             return State::Absent;
         };
-        match local.stage {
-            Stage::Waiting | Stage::Confirming => State::Waiting,
-            Stage::Holding if inner.vouches(&self.timing, now, local.ttl) => {
-                if let Some(ttl) = local.ttl {
+        if local.stage != Stage::Holding {
+            return State::Waiting;
+        }
+        let ttl = local.ttl;
+        let (mut inner, vouches) = self.await_vouching(inner, ttl);
+        let now = Instant::now();
+        // It may have been ended while we waited.
+        match inner.conns.get(&conn).map(|l| l.stage) {
+            None => State::Absent,
+            Some(Stage::Waiting | Stage::Confirming) => State::Waiting,
+            Some(Stage::Holding) if vouches => {
+                if let Some(ttl) = ttl {
                     inner.set_due(conn, Some(now + ttl));
                 }
                 State::Holding
             }
-            Stage::Holding => {
+            Some(Stage::Holding) => {
                 // The lease may not outlive this client's deadline: not another `alive`. The
                 // member is about to stop serving anyway.
                 let local = inner.remove(conn).expect("present");
@@ -614,16 +655,16 @@ impl EtcdLocks {
         offset: u64,
         value: Value,
     ) -> Result<Decision, Unavailable> {
-        let now = Instant::now();
         let token = offset.saturating_add(revision.max(0) as u64);
         let conn = req.conn;
         let link = Arc::clone(&req.handle);
         {
-            let mut inner = self.inner();
+            let (mut inner, vouches) = self.await_vouching(self.inner(), req.ttl);
+            let now = Instant::now();
             inner.pending.remove(&key);
             let gone = inner.mirror.revision >= revision && !inner.mirror.contains(&key);
             let same_lease = inner.lease.is_some_and(|l| l.id == lease);
-            if gone || !same_lease || !inner.vouches(&self.timing, now, req.ttl) {
+            if gone || !same_lease || !vouches {
                 // Held for a moment in etcd, but this member can no longer vouch for it.
                 let why = if gone {
                     Unavailable(
@@ -678,13 +719,13 @@ impl EtcdLocks {
         value: Value,
         wait_until: Instant,
     ) -> Result<Decision, Unavailable> {
-        let now = Instant::now();
         let conn = req.conn;
-        let mut inner = self.inner();
+        let (mut inner, vouches) = self.await_vouching(self.inner(), None);
+        let now = Instant::now();
         inner.pending.remove(&key);
         let gone = inner.mirror.revision >= revision && !inner.mirror.contains(&key);
         let same_lease = inner.lease.is_some_and(|l| l.id == lease);
-        if gone || !same_lease || !inner.vouches(&self.timing, now, None) {
+        if gone || !same_lease || !vouches {
             let why = self.not_serving(&inner);
             self.delete_later(&mut inner, key, lease);
             return Err(why);

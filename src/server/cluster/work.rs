@@ -96,10 +96,18 @@ impl EtcdLocks {
                 return;
             }
             let ttl = local.ttl;
-            if !inner.vouches(&self.timing, now, ttl) {
+            let (mut inner, vouches) = self.await_vouching(inner, ttl);
+            let Some(local) = inner
+                .conns
+                .get_mut(&conn)
+                .filter(|l| l.stage == Stage::Confirming)
+            else {
+                return;
+            };
+            if !vouches {
                 // The lease is late: the member thread looks again once it is renewed, or ends
                 // every connection if it is not.
-                inner.conns.get_mut(&conn).expect("present").stage = Stage::Waiting;
+                local.stage = Stage::Waiting;
                 return;
             }
             let local = &inner.conns[&conn];
@@ -155,17 +163,21 @@ impl EtcdLocks {
 
     /// A confirmed grant: the waiter now holds, and is told so.
     fn granted(&self, conn: ConnId, token: u64, value: Value) {
-        let now = Instant::now();
         let (link, name) = {
-            let mut inner = self.inner();
-            let Some(local) = inner.conns.get(&conn) else {
+            let inner = self.inner();
+            let Some(ttl) = inner.conns.get(&conn).map(|l| l.ttl) else {
                 // It left while we confirmed; its leave deletes (or deleted) the key.
+                return;
+            };
+            let (mut inner, vouches) = self.await_vouching(inner, ttl);
+            let now = Instant::now();
+            let Some(local) = inner.conns.get(&conn) else {
                 return;
             };
             if local.stage != Stage::Confirming {
                 return;
             }
-            if !inner.vouches(&self.timing, now, local.ttl) {
+            if !vouches {
                 let local = inner.remove(conn).expect("present");
                 let why = format!("not serving locks: {}", one_line(&inner.reason));
                 drop(inner);
