@@ -11,8 +11,12 @@
 //! a holder on another releases or disconnects (measured: `cargo test --features etcd --test
 //! cluster -- --nocapture`); FIFO order, semaphores and shared locks across members; tokens
 //! that grow across members and across a restart of every member; `.locks` as the global view;
-//! and the CLI (`do`, `lock`, `ping`) against members.
+//! the CLI (`do`, `lock`, `ping`) against members; and mutual exclusion under churn across three
+//! members (tests/common/churn.rs: client processes SIGKILLed at random, waits, half-closes; the
+//! clients' own CLOCK_MONOTONIC records show no overlap).
 
+#[path = "common/churn.rs"]
+mod churn;
 mod common;
 #[path = "common/etcd.rs"]
 mod etcd_cluster;
@@ -692,5 +696,75 @@ fn ping_tells_a_member_that_cannot_grant_from_one_that_can() {
         lonely
             .log_text()
             .contains("NOT SERVING LOCKS: no etcd lease")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Churn across members.
+
+/// Runs as a churn client process when TCPNETLOCK_CHURN_WORKER is set; otherwise does nothing.
+#[test]
+fn churn_worker() {
+    churn::worker_main();
+}
+
+#[test]
+fn exclusion_holds_across_members_under_churn() {
+    let long = std::env::var("TCPNETLOCK_LONG_FAULTS").is_ok_and(|v| v == "1");
+    let target = if long { 50_000 } else { 5_000 };
+    let time_limit = Duration::from_secs(if long { 1800 } else { 120 });
+    let etcd = etcd();
+    let prefix = unique_prefix();
+    let endpoints = etcd.endpoints().join(",");
+    // Without -v: a log line per grant would only slow the members down.
+    let members: Vec<Server> = (0..3)
+        .map(|i| {
+            let mut cmd = Command::new(BIN);
+            cmd.args(["server", "--listen", "127.0.0.1:0", "--log", "stderr"])
+                .args(["--etcd", &endpoints, "--etcd-prefix", &prefix])
+                .args(["--etcd-name", &Members::name(i)]);
+            let s = Server::spawn(cmd);
+            await_serving(s.addr);
+            s
+        })
+        .collect();
+    let addrs: Vec<SocketAddr> = members.iter().map(|m| m.addr).collect();
+    let all_stats = || {
+        addrs
+            .iter()
+            .map(|a| Client::connect(*a).ask(".stats"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let run = churn::drive(&addrs, target, time_limit, all_stats);
+
+    // Every killed client's key is deleted: nothing stays held or queued, on any member.
+    let mut seen = Value::Null;
+    let drained = wait_until(Duration::from_secs(10), || {
+        addrs.iter().all(|a| {
+            seen = stats(*a);
+            seen["cluster"]["holders"] == 0
+                && seen["cluster"]["waiting"] == 0
+                && seen["holders"] == 0
+                && seen["waiting"] == 0
+        })
+    });
+    assert!(drained.is_some(), "locks left behind: {seen}");
+    let mut per_member = Vec::new();
+    for a in &addrs {
+        let s = stats(*a);
+        assert_eq!(s["wait_timeout_count"], 0, "{s}");
+        per_member.push(format!(
+            "{}: {} grants",
+            s["cluster"]["server"], s["lock_acquired_count"]
+        ));
+    }
+    let summary = churn::check(&run.text, &run.kills);
+    eprintln!(
+        "cluster churn: {summary}; {} client processes SIGKILLed; {:.1} s ({:.0} grants/s); {}",
+        run.kills.len(),
+        run.took.as_secs_f64(),
+        target as f64 / run.took.as_secs_f64(),
+        per_member.join(", ")
     );
 }
