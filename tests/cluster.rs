@@ -144,6 +144,17 @@ fn stats(addr: SocketAddr) -> Value {
     json(&Client::connect(addr).ask(".stats"), "stats,")
 }
 
+/// Waits until member `addr`'s `.locks` satisfies `ready`; returns it.
+fn await_view(addr: SocketAddr, ready: impl Fn(&Value) -> bool) -> Value {
+    let mut seen = Value::Null;
+    let ok = wait_until(LIMIT, || {
+        seen = locks(addr);
+        ready(&seen)
+    });
+    assert!(ok.is_some(), "never as expected: {seen}");
+    seen
+}
+
 /// Waits until member `addr` sees `n` waiters of `name` (its view is the whole cluster's).
 fn await_waiting(addr: SocketAddr, name: &str, n: u64) {
     let mut seen = Value::Null;
@@ -231,6 +242,7 @@ fn stats_and_info_describe_the_member_and_the_cluster() {
     let mut w = Client::connect(m.addr(1));
     w.send("lock,name:st,wait:30");
     await_waiting(m.addr(0), "st", 1);
+    await_waiting(m.addr(1), "st", 1);
     // 0.1.8's keys first, this member's own counts...
     let line = Client::connect(m.addr(0)).ask(".stats");
     assert!(line.starts_with("stats,{\"requests_count\": "), "{line}");
@@ -405,7 +417,7 @@ fn waiters_are_served_in_arrival_order_across_members() {
     }
     // The queue as every member shows it: in arrival order, with each waiter's member.
     for i in 0..3 {
-        let view = locks(m.addr(i));
+        let view = await_view(m.addr(i), |v| v["fifo"]["waiting"] == 6);
         let servers: Vec<&str> = view["fifo"]["waiters"]
             .as_array()
             .unwrap()
@@ -447,9 +459,11 @@ fn semaphores_and_shared_locks_across_members() {
     await_waiting(b, "sem", 1);
     assert_eq!(s2.ask("release"), "released");
     assert_eq!(s3.line(), "ok");
-    let view = locks(b);
+    // Member b sees it as soon as the change reaches it through its watch.
+    let view = await_view(b, |v| {
+        v["sem"]["holders"].as_array().map(Vec::len) == Some(2)
+    });
     assert_eq!(view["sem"]["max"], 2);
-    assert_eq!(view["sem"]["holders"].as_array().unwrap().len(), 2);
     assert_eq!(s1.ask("release"), "released");
     assert_eq!(s3.ask("release"), "released");
 
@@ -480,7 +494,9 @@ fn semaphores_and_shared_locks_across_members() {
     assert_eq!(writer.ask("release"), "released");
     assert_eq!(r3.line(), "ok");
     assert_eq!(r4.line(), "ok");
-    let view = locks(a);
+    let view = await_view(a, |v| {
+        v["rw"]["holders"].as_array().map(Vec::len) == Some(2)
+    });
     let modes: Vec<&str> = view["rw"]["holders"]
         .as_array()
         .unwrap()
@@ -544,7 +560,7 @@ fn locks_is_the_global_view_and_names_the_member() {
     w.send("lock,name:g,client-id:waiter-1,wait:20");
     await_waiting(m.addr(0), "g", 1);
     for i in 0..2 {
-        let view = locks(m.addr(i));
+        let view = await_view(m.addr(i), |v| v["g"]["waiting"] == 1);
         let g = &view["g"];
         assert_eq!(g["max"], 1);
         let holder = &g["holders"][0];
@@ -562,9 +578,9 @@ fn locks_is_the_global_view_and_names_the_member() {
     }
     assert_eq!(h.ask("release"), "released");
     assert_eq!(w.line(), "ok");
-    let view = locks(m.addr(0));
-    assert_eq!(view["g"]["holders"][0]["server"], "b");
-    assert_eq!(view["g"]["waiters"].as_array().unwrap().len(), 0);
+    await_view(m.addr(0), |v| {
+        v["g"]["holders"][0]["server"] == "b" && v["g"]["waiting"] == 0
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -696,6 +712,35 @@ fn ping_tells_a_member_that_cannot_grant_from_one_that_can() {
         lonely
             .log_text()
             .contains("NOT SERVING LOCKS: no etcd lease")
+    );
+}
+
+/// systemd hears it too: READY=1 (the member runs, and systemd should not restart it in a
+/// loop), with a STATUS= that says it cannot serve locks and why.
+#[test]
+fn a_member_that_cannot_serve_says_so_in_its_systemd_status() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = common::TempDir::new("cluster-notify");
+    let path = dir.path.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(LIMIT)).unwrap();
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let mut cmd = Command::new(BIN);
+    cmd.args(["server", "--listen", "127.0.0.1:0", "--log", "stderr"])
+        .args(["--etcd", &dead])
+        .env("NOTIFY_SOCKET", &path);
+    let _member = Server::spawn(cmd);
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).expect("a notification");
+    let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(first.lines().any(|l| l == "READY=1"), "{first:?}");
+    let status = first
+        .lines()
+        .find_map(|l| l.strip_prefix("STATUS="))
+        .expect("STATUS= with READY=1");
+    assert!(
+        status.starts_with("NOT SERVING LOCKS (no etcd lease: cannot reach any etcd endpoint"),
+        "{status}"
     );
 }
 

@@ -19,7 +19,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{debug, info, trace, warn};
 
 use super::keys::{Value, member_id, unix_us};
 use super::mirror::{Key, Mirror};
@@ -342,13 +342,15 @@ impl EtcdLocks {
                 }
                 self.end_lost(lost);
             }
+            // A quiet watch is re-created every few seconds (the client's idle limit, which is
+            // also how it leaves a frozen member): trace level, or -v would log little else.
             WatchMessage::Interrupted { endpoint, reason } => {
-                debug!("etcd watch on {endpoint} interrupted ({reason}); resuming")
+                trace!("etcd watch on {endpoint} interrupted ({reason}); resuming")
             }
             WatchMessage::Resumed {
                 endpoint,
                 start_revision,
-            } => debug!("etcd watch resumed on {endpoint} from revision {start_revision}"),
+            } => trace!("etcd watch resumed on {endpoint} from revision {start_revision}"),
             WatchMessage::Compacted { compact_revision } => self.resync(
                 epoch,
                 &format!("etcd compacted its history to {compact_revision}"),

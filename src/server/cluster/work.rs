@@ -106,8 +106,12 @@ impl EtcdLocks {
             };
             if !vouches {
                 // The lease is late: the member thread looks again once it is renewed, or ends
-                // every connection if it is not.
+                // every connection if it is not. Meanwhile its wait may run out (the timer
+                // passed over it while it was being confirmed).
                 local.stage = Stage::Waiting;
+                let until = local.wait_until;
+                inner.set_due(conn, Some(until));
+                self.timer_check(&inner, Some(until));
                 return;
             }
             let local = &inner.conns[&conn];
