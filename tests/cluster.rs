@@ -609,8 +609,12 @@ fn do_and_lock_hold_with_the_members_ttl_bound_unless_told_less() {
     let m = Members::start(1);
     let a = m.addr(0);
     let port = a.port().to_string();
-    // While `do` runs its command, the command asks `.locks`: the lease is the member's bound.
-    let show = format!("{BIN} locks --host 127.0.0.1 --port {port} --json");
+    // While `do` runs its command, the command asks `.locks` (until the member's view, which
+    // follows etcd's watch, shows the grant): the lease is the member's bound.
+    let show = format!(
+        "for i in $(seq 200); do out=$({BIN} locks --host 127.0.0.1 --port {port} --json); \
+         case $out in *ttl_secs*) break;; esac; sleep 0.05; done; echo \"$out\""
+    );
     let (code, out, err) = run_within(
         &mut tnl(a, &["do", "--lock-name", "d", "--", "sh", "-c", &show]),
         LIMIT,
@@ -713,6 +717,40 @@ fn ping_tells_a_member_that_cannot_grant_from_one_that_can() {
             .log_text()
             .contains("NOT SERVING LOCKS: no etcd lease")
     );
+}
+
+/// A member started while etcd answers nothing (every etcd member frozen) runs, grants
+/// nothing, and serves once etcd answers again.
+#[test]
+fn a_member_started_before_etcd_answers_serves_once_it_does() {
+    // An etcd of its own: freezing the shared one would stall the other tests.
+    let etcd = EtcdCluster::start3();
+    for i in 0..3 {
+        etcd.freeze(i);
+    }
+    let member = Server::start(&[
+        "--etcd",
+        &etcd.endpoints().join(","),
+        "--etcd-name",
+        "early",
+    ]);
+    let reply = Client::connect(member.addr).ask("lock,name:e");
+    assert!(reply.starts_with("err,not serving locks: "), "{reply}");
+    let (code, _, err) = run_within(&mut tnl(member.addr, &["ping"]), LIMIT);
+    assert_eq!(code, 1, "{err}");
+    let thawed = Instant::now();
+    for i in 0..3 {
+        etcd.thaw(i);
+    }
+    await_serving(member.addr);
+    let took = thawed.elapsed();
+    eprintln!(
+        "serving {:.2} s after etcd answered again",
+        took.as_secs_f64()
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(try_lock(member.addr, "e").1, "ok");
+    assert!(member.log_text().contains("member early serves locks"));
 }
 
 /// systemd hears it too: READY=1 (the member runs, and systemd should not restart it in a

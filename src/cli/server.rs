@@ -78,7 +78,9 @@ pub struct ServerArgs {
     state_dir: Option<std::path::PathBuf>,
 
     /// Cluster mode: keep the lock state in etcd, shared by every server given the same etcd
-    /// and prefix (etcd v3 client URLs, http:// or https://, comma-separated).
+    /// and prefix (etcd v3 client URLs, http:// or https://, comma-separated). A server that
+    /// cannot reach etcd starts anyway and grants nothing (`tcpnetlock ping` exits 1, the
+    /// systemd status says why) until it can.
     #[arg(long, value_name = "URL[,URL...]", env = "TCPNETLOCK_ETCD", value_delimiter = ',',
           value_parser = parse_endpoint, help_heading = CLUSTER)]
     etcd: Vec<String>,

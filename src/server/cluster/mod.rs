@@ -186,12 +186,16 @@ enum Stage {
 
 impl Inner {
     /// Whether the lease outlives `now + ttl` by the margin: the member may grant to (or answer
-    /// a renewal of) a client whose own deadline is `ttl` away (no ttl: just serving).
+    /// a renewal of) a client whose own deadline is `ttl` away (no ttl: may keep its holders).
     fn vouches(&self, timing: &Timing, now: Instant, ttl: Option<Duration>) -> bool {
-        self.synced
-            && self.lease.is_some_and(|l| {
-                now + ttl.unwrap_or(Duration::ZERO) + timing.margin <= l.vouched_until
-            })
+        self.lease
+            .is_some_and(|l| now + ttl.unwrap_or(Duration::ZERO) + timing.margin <= l.vouched_until)
+    }
+
+    /// Whether the member takes new requests: it vouches, and its mirror is current (a waiter
+    /// is granted from the mirror's watch).
+    fn serving(&self, timing: &Timing, now: Instant) -> bool {
+        self.synced && self.vouches(timing, now, None)
     }
 
     fn set_due(&mut self, conn: ConnId, at: Option<Instant>) {
@@ -358,7 +362,7 @@ impl EtcdLocks {
             if inner.vouches(&self.timing, now, ttl) {
                 return (inner, true);
             }
-            let Some(lease) = inner.lease.filter(|_| inner.synced) else {
+            let Some(lease) = inner.lease else {
                 return (inner, false);
             };
             let stop_at = lease
@@ -394,7 +398,7 @@ impl EtcdLocks {
         }
         let (inner, vouches) = self.await_vouching(self.inner(), req.ttl);
         match (inner.lease, inner.offset) {
-            (Some(lease), Some(offset)) if vouches => Ok((lease.id, offset)),
+            (Some(lease), Some(offset)) if vouches && inner.synced => Ok((lease.id, offset)),
             _ => Err(self.not_serving(&inner)),
         }
     }
@@ -625,7 +629,7 @@ impl Locks for EtcdLocks {
 
     fn cluster(&self) -> Option<Cluster> {
         let inner = self.inner();
-        let serving = inner.vouches(&self.timing, Instant::now(), None);
+        let serving = inner.serving(&self.timing, Instant::now());
         let totals = inner.mirror.totals();
         let mut c = Cluster::default();
         c.server = Some(self.name.to_string());
