@@ -583,6 +583,49 @@ fn locks_is_the_global_view_and_names_the_member() {
     });
 }
 
+/// etcd compacts its history (every few minutes in a Kubernetes etcd). A member's watch of a
+/// quiet prefix then cannot resume from where it was: the member reads the keyspace again,
+/// serving all along, and its waiters are still granted.
+#[test]
+fn members_read_the_keyspace_again_after_a_compaction_and_serve_all_along() {
+    let m = Members::start(2);
+    let (mut h, reply) = try_lock(m.addr(0), "c");
+    assert_eq!(reply, "ok");
+    let mut w = Client::connect(m.addr(1));
+    w.send("lock,name:c,wait:60");
+    await_waiting(m.addr(0), "c", 1);
+    await_waiting(m.addr(1), "c", 1);
+    // Writes elsewhere move the revision past the members' watches; then compact up to it.
+    let mut revision = 0;
+    for _ in 0..2 {
+        let out = m.etcd.etcdctl(0, &["put", "-w", "json", "/elsewhere", "x"]);
+        assert!(out.status.success(), "{out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        revision = v["header"]["revision"].as_u64().unwrap();
+    }
+    let out = m.etcd.etcdctl(0, &["compact", &revision.to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    // Their quiet watches are re-created within seconds, find the history gone, and read again.
+    let compacted = |s: &Server| s.log_text().contains("etcd compacted its history");
+    let read_again = wait_until(LIMIT, || {
+        for i in 0..2 {
+            let reply = Client::connect(m.addr(i)).ask(".ping,serving:1");
+            assert_eq!(reply, "pong", "member {i} stopped serving");
+        }
+        m.servers.iter().all(compacted)
+    });
+    assert!(read_again.is_some(), "{}", m.servers[1].log_text());
+    assert!(
+        wait_until(LIMIT, || m.servers[1]
+            .log_text()
+            .contains("keyspace read again"))
+        .is_some()
+    );
+    assert_eq!(h.ask("release"), "released");
+    assert_eq!(w.line(), "ok");
+    assert_eq!(try_lock(m.addr(0), "c").1, "not-granted");
+}
+
 // ---------------------------------------------------------------------------------------------
 // The client commands against members.
 

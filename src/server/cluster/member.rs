@@ -234,12 +234,14 @@ impl EtcdLocks {
         }
         let mirror = mirror.expect("one page read");
         let revision = mirror.revision;
+        // Installed before the watch starts, so that no event of the new watch finds the old
+        // mirror. A member that was serving goes on serving meanwhile: the watch delivers
+        // everything after the read.
         let epoch = {
             let mut inner = self.inner();
             inner.epoch += 1;
             inner.watch = None;
             inner.mirror = mirror;
-            inner.synced = false;
             inner.epoch
         };
         let me = Arc::clone(self);
@@ -250,7 +252,11 @@ impl EtcdLocks {
                 Instant::now() + CALL,
                 move |message| me.on_watch(epoch, message),
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| {
+                // Nothing keeps the mirror current: no request is taken until a watch runs.
+                self.inner().synced = false;
+                e.to_string()
+            })?;
         let (lost, confirm) = {
             let mut inner = self.inner();
             if inner.epoch != epoch {
@@ -361,16 +367,17 @@ impl EtcdLocks {
         }
     }
 
-    /// The watch ended for good: until the keyspace is read again, no waiter can be granted,
-    /// so no request is taken.
+    /// The watch ended for good: the keyspace is read again at once. Requests are still taken
+    /// (their keys' places are read in their own transactions, and the new read re-examines
+    /// every waiter); waiters are granted once the read is done. A quiet prefix in a busy etcd
+    /// that compacts its history meets this at every compaction, so it must not interrupt
+    /// service; a read that fails does (see `keep_lease`).
     fn resync(&self, epoch: u64, why: &str) {
         let mut inner = self.inner();
         if inner.epoch != epoch {
             return;
         }
-        warn!("cluster: {why}: reading the keyspace again");
-        inner.synced = false;
-        inner.reason = format!("reading the etcd keyspace again ({})", one_line(why));
+        info!("cluster: {why}: reading the keyspace again");
         inner.resync = true;
         self.member.notify_all();
     }
@@ -420,12 +427,14 @@ impl EtcdLocks {
             match self.sync() {
                 Ok(()) => {
                     k.sync_at = None;
-                    info!("cluster: keyspace read again; locks are served again");
+                    info!("cluster: keyspace read again");
                 }
                 Err(e) => {
                     let reason = format!("cannot read or watch etcd: {}", one_line(&e));
                     debug!("cluster: {reason}");
-                    self.inner().reason = reason;
+                    let mut inner = self.inner();
+                    inner.synced = false;
+                    inner.reason = reason;
                     k.sync_at = Some(now + RETRY);
                 }
             }
