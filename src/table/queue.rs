@@ -51,12 +51,14 @@ pub fn holders(entries: impl IntoIterator<Item = Entry>) -> usize {
     };
     let max = head.max.max(1);
     let same = |e: &Entry| e.shared == head.shared && e.max.max(1) == max;
-    let run = 1 + entries.take_while(same).count();
-    if head.shared {
-        run
+    // Exclusive holders are at most `max`: no need to look further down a long queue (this
+    // runs for every change a member sees).
+    let most = if head.shared {
+        usize::MAX
     } else {
-        run.min(max as usize)
-    }
+        max as usize - 1
+    };
+    1 + entries.take(most).take_while(same).count()
 }
 
 /// Where the entry at `index` stands in `entries` (arrival order). `entries` may be cut short
