@@ -627,6 +627,122 @@ fn members_read_the_keyspace_again_after_a_compaction_and_serve_all_along() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Reaching etcd: flags, TLS, authentication.
+
+#[test]
+fn bad_cluster_flags_are_usage_errors_that_say_what_is_wrong() {
+    let server = |args: &[&str]| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["server", "--listen", "127.0.0.1:0", "--log", "stderr"])
+            .args(args)
+            .env_remove("TCPNETLOCK_ETCD")
+            .env_remove("TCPNETLOCK_ETCD_PASSWORD");
+        run_within(&mut cmd, LIMIT)
+    };
+    let url = "http://127.0.0.1:2379";
+    for (args, says) in [
+        (vec!["--etcd", url, "--etcd-ttl", "1"], "1 is not in 2..=60"),
+        (
+            vec!["--etcd", url, "--etcd-ttl", "61"],
+            "61 is not in 2..=60",
+        ),
+        (
+            vec!["--etcd", url, "--etcd-name", "a b"],
+            "expected 1 to 64 letters, digits, '.', '_' or '-'",
+        ),
+        (
+            vec!["--etcd", url, "--etcd-prefix", "a b"],
+            "without spaces",
+        ),
+        (vec!["--etcd", ""], "an empty etcd endpoint"),
+        (
+            vec!["--etcd", "ftp://127.0.0.1:2379"],
+            "--etcd: etcd configuration: endpoint \"ftp://127.0.0.1:2379\": the scheme must be \
+             http or https",
+        ),
+        (
+            vec!["--etcd", url, "--etcd-cert", "/nonexistent"],
+            "--etcd-key <FILE>",
+        ),
+        (vec!["--etcd-prefix", "/x/"], "--etcd <URL[,URL...]>"),
+        (
+            vec!["--etcd", url, "--etcd-cacert", "/nonexistent/ca.pem"],
+            "cannot read the CA file /nonexistent/ca.pem",
+        ),
+    ] {
+        let (code, _, err) = server(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_member_reaches_etcd_over_tls_with_a_client_certificate() {
+    let etcd = EtcdCluster::start(etcd_cluster::ClusterOptions {
+        members: 1,
+        tls: true,
+        ..Default::default()
+    });
+    let tls = etcd.tls.as_ref().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["server", "--listen", "127.0.0.1:0", "--log", "stderr"])
+        .args(["--etcd", &etcd.endpoint(0), "--etcd-name", "tls"])
+        .arg("--etcd-cacert")
+        .arg(&tls.ca)
+        .arg("--etcd-cert")
+        .arg(&tls.client_cert)
+        .arg("--etcd-key")
+        .arg(&tls.client_key);
+    let member = Server::spawn(cmd);
+    await_serving(member.addr);
+    // The first lock makes the connection's own thread open a TLS connection to etcd (this
+    // once overflowed its stack and aborted the server).
+    let (mut c, reply) = try_lock(member.addr, "secure");
+    assert_eq!(reply, "ok");
+    assert_eq!(c.ask("release"), "released");
+    assert!(member.log_text().contains("etcd at https://127.0.0.1:"));
+}
+
+/// etcd's authentication: user and password. (Not together with a client certificate: etcd's
+/// JSON gateway refuses a request that carries both, "CommonName of client sending a request
+/// against gateway will be ignored".)
+#[test]
+fn a_member_logs_in_to_etcd_with_a_user_and_password() {
+    let mut etcd = EtcdCluster::start(etcd_cluster::ClusterOptions {
+        members: 1,
+        ..Default::default()
+    });
+    etcd.enable_auth("secret");
+    let start = |password: &str| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["server", "--listen", "127.0.0.1:0", "--log", "stderr"])
+            .args(["--etcd-user", "root", "--etcd-name", "auth"])
+            // The endpoints and the password from the environment, as a unit file would.
+            .env("TCPNETLOCK_ETCD", etcd.endpoint(0))
+            .env("TCPNETLOCK_ETCD_PASSWORD", password);
+        Server::spawn(cmd)
+    };
+    let member = start("secret");
+    await_serving(member.addr);
+    let (mut c, reply) = try_lock(member.addr, "secure");
+    assert_eq!(reply, "ok");
+    assert_eq!(c.ask("release"), "released");
+    // A wrong password: the member runs, grants nothing, and says why (not the password).
+    let refused = start("wrong-pw");
+    let reply = Client::connect(refused.addr).ask(".ping,serving:1");
+    assert!(
+        reply.starts_with("err,not serving locks: no etcd lease: etcd at http://127.0.0.1:"),
+        "{reply}"
+    );
+    assert!(reply.contains("authentication"), "{reply}");
+    assert!(
+        !refused.log_text().contains("wrong-pw"),
+        "{}",
+        refused.log_text()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // The client commands against members.
 
 fn tnl(addr: SocketAddr, args: &[&str]) -> Command {
