@@ -249,7 +249,13 @@ impl Site {
 
 impl Log for Logger {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= log::max_level()
+        let level = metadata.level();
+        level <= log::max_level()
+            // The etcd client's HTTP and TLS crates narrate every request at debug level: -vv
+            // shows their lines, -v only ours.
+            && (level <= Level::Info
+                || metadata.target().starts_with("tcpnetlock")
+                || log::max_level() >= LevelFilter::Trace)
     }
 
     fn log(&self, record: &Record) {

@@ -5,9 +5,15 @@
 //! does the sockets and threads around the lock table ([`table`], a pure state machine), and
 //! [`log`] sends the server's log lines to syslog or stderr without ever blocking a client. The
 //! server counts what it does in [`metrics`] and answers a Prometheus scrape on the lock port
-//! with [`http`]'s few rules.
+//! with [`http`]'s few rules. With the `etcd` feature, [`etcd`] is the etcd client behind the
+//! cluster mode (`server::cluster`).
 
 mod cli;
+// A whole client (tests/etcd_client.rs and examples/etcd-probe.rs use all of it); the server
+// needs only part of it.
+#[cfg(feature = "etcd")]
+#[allow(dead_code, unused_imports)]
+mod etcd;
 mod http;
 mod log;
 mod metrics;

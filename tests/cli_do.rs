@@ -676,19 +676,28 @@ fn a_lease_is_renewed_while_the_command_runs() {
     assert!(is_free(&s, "lease"));
 }
 
-/// A stand-in server for one connection: returns its address and a thread that runs `script`
-/// with the request line already read.
+/// A stand-in server for one lock connection (after any `.info`, answered as a server on its
+/// own): returns its address and a thread that runs `script` with the request line already read.
 fn fake_server(
     script: impl FnOnce(String, &mut BufReader<std::net::TcpStream>) + Send + 'static,
 ) -> (SocketAddr, thread::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let handle = thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        let mut reader = BufReader::new(stream);
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        script(line.trim_end().to_owned(), &mut reader);
+        loop {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            // `do` asks first whether the server is a cluster member: a server on its own.
+            if line.trim_end() == ".info" {
+                let info = "info,{\"version\": \"0.3.0\", \"cluster\": null}\n";
+                reader.get_mut().write_all(info.as_bytes()).unwrap();
+                continue;
+            }
+            script(line.trim_end().to_owned(), &mut reader);
+            return;
+        }
     });
     (addr, handle)
 }

@@ -244,7 +244,11 @@ fn a_dumb_terminal_gets_one_plain_line() {
 #[test]
 fn a_wait_that_ends_at_once_says_nothing_and_asks_nothing() {
     let s = Server::start(&[]);
-    let before = s.stat("requests_count");
+    let locks_asked = || {
+        let text = common::prometheus::scrape(s.addr);
+        common::prometheus::value(&text, r#"tcpnetlock_requests_total{kind="locks"}"#)
+    };
+    let before = locks_asked();
     let mut run = piped(
         s.addr.port(),
         "do",
@@ -254,8 +258,10 @@ fn a_wait_that_ends_at_once_says_nothing_and_asks_nothing() {
     let mut term = on_a_terminal(&shell_line(s.addr.port(), "lock", "-w 30 free </dev/null"));
     let (code, screen, _) = term.finish(LIMIT);
     assert_eq!((code, screen.as_str()), (0, "ok\r\n"));
-    // The two lock connections and this `.stats`: no `.locks`.
-    assert_eq!(s.stat("requests_count") - before, 3.0);
+    // Two locks taken (and `.info` asked before each), no `.locks`.
+    assert_eq!(locks_asked(), before);
+    let text = common::prometheus::scrape(s.addr);
+    assert!(common::prometheus::value(&text, r#"tcpnetlock_requests_total{kind="lock"}"#) >= 2.0);
 }
 
 /// Not on a terminal: one line when the wait starts; with -v one more per change of holder.

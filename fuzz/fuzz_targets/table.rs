@@ -9,6 +9,7 @@
 //! harness checks: decisions and events equal the model's (tokens by order), every token above
 //! the one before, at most `max` holders per name, each connection in at most one place,
 //! `waiting()` and the other counts, counters, the next deadline, the snapshot, and FIFO grants.
+//! The same operations drive the cluster's queue rule (src/table/queue.rs) against the model.
 #![no_main]
 
 use std::time::Duration;
@@ -22,7 +23,7 @@ use tcpnetlock::protocol::MAX_SECONDS;
 #[allow(dead_code)]
 mod table;
 
-use table::model::{Check, Op};
+use table::model::{Check, CheckQueue, Op};
 
 const NAMES: [&str; 3] = ["a", "b", "c"];
 const MAX_OPS: usize = 400;
@@ -36,6 +37,8 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     // 0 is made 1 by the table; the others as the server picks them (the wall clock in µs).
     let first_token = *u.choose(&[0, 1, 1_764_154_800_123_457])?;
     let mut check = Check::new(&NAMES, first_token);
+    // The cluster's queue rule (table::queue) must decide as the model does, on the same ops.
+    let mut queue = CheckQueue::new(&NAMES);
     for _ in 0..MAX_OPS {
         if u.is_empty() {
             break;
@@ -70,6 +73,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
             _ => Op::Tick,
         };
         check.apply(&op);
+        queue.apply(&op);
     }
     Ok(())
 }

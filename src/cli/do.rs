@@ -89,7 +89,8 @@ pub struct DoArgs {
 
     /// Hold the lock as a lease of SECONDS, renewed in the background; the server revokes it if
     /// `do` stops renewing it (a hung host, a frozen VM), and `do` counts it lost once the
-    /// server has answered no renewal for SECONDS less a margin (a stalled network).
+    /// server has answered no renewal for SECONDS less a margin (a stalled network). Against a
+    /// cluster member the default is the longest ttl it vouches for, and more is refused.
     #[arg(long, value_name = "SECONDS", value_parser = parse_protocol_secs)]
     ttl: Option<Duration>,
 
@@ -198,7 +199,7 @@ impl DoArgs {
             // 0.1.8's --keep-alive: a lease renewal, whatever the flag is called.
             request = request.renew_every(self.keep_alive_secs);
         }
-        Ok(request)
+        super::cluster::with_lease_ttl(request, client, self.ttl)
     }
 
     fn command(&self, name: &str, token: Option<u64>) -> Command {

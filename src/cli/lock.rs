@@ -70,7 +70,8 @@ pub struct LockArgs {
     shared: bool,
 
     /// Hold the lock as a lease of SECONDS, renewed in the background while this runs; lost
-    /// (122) once the server has answered no renewal for SECONDS less a margin.
+    /// (122) once the server has answered no renewal for SECONDS less a margin. Against a
+    /// cluster member the default is the longest ttl it vouches for, and more is refused.
     #[arg(long, value_name = "SECONDS", value_parser = parse_protocol_secs)]
     ttl: Option<Duration>,
 }
@@ -100,6 +101,7 @@ pub fn run(args: LockArgs) -> Result<u8, Fail> {
     if let Some(max) = args.max {
         request = request.max(max);
     }
+    let request = super::cluster::with_lease_ttl(request, &client, args.ttl)?;
     let lock = match waiting::take(&request, &args.name, args.wait, args.verbose) {
         Ok(lock) => lock,
         Err(client::Error::NotGranted) => {

@@ -6,6 +6,7 @@
 
 #[cfg(feature = "assets")]
 pub mod assets;
+mod cluster;
 pub mod r#do;
 pub mod dropin;
 pub mod lock;
@@ -87,7 +88,7 @@ enum Command {
     Do(r#do::DoArgs),
     /// Take a lock and hold it until stdin ends or a signal comes (for `coproc`).
     Lock(lock::LockArgs),
-    /// Check that the server answers.
+    /// Check that the server answers and can grant locks (a cluster member may not).
     Ping(status::StatusArgs),
     /// Show the server's counters.
     Stats(status::StatsArgs),

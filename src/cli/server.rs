@@ -1,6 +1,7 @@
 //! `tcpnetlock server`: flags, listening sockets, logging, then serve forever.
 
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
@@ -8,6 +9,7 @@ use clap::builder::RangedU64ValueParser;
 use log::{LevelFilter, info, warn};
 
 use crate::log::Target;
+use crate::server::config::EtcdSettings;
 use crate::server::listen::{self, Keepalive};
 use crate::server::{self, Config, Server, lifecycle};
 
@@ -74,6 +76,58 @@ pub struct ServerArgs {
     /// growing even if the clock steps back (systemd: StateDirectory=).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<std::path::PathBuf>,
+
+    /// Cluster mode: keep the lock state in etcd, shared by every server given the same etcd
+    /// and prefix (etcd v3 client URLs, http:// or https://, comma-separated). A server that
+    /// cannot reach etcd starts anyway and grants nothing (`tcpnetlock ping` exits 1, the
+    /// systemd status says why) until it can.
+    #[arg(long, value_name = "URL[,URL...]", env = "TCPNETLOCK_ETCD", value_delimiter = ',',
+          value_parser = parse_endpoint, help_heading = CLUSTER)]
+    etcd: Vec<String>,
+
+    /// Prefix of every etcd key the cluster writes: servers with another prefix are another
+    /// lock space.
+    #[arg(long, value_name = "PREFIX", default_value = DEFAULT_PREFIX, value_parser = parse_prefix,
+          requires = "etcd", help_heading = CLUSTER)]
+    etcd_prefix: String,
+
+    /// This server's etcd lease ttl, whole seconds (2 to 60): if the server dies, its locks are
+    /// freed within about this long; a server cut off from etcd ends its holders' connections
+    /// before it runs out. Client `ttl:`s are bounded by about 2/3 of it.
+    #[arg(long, value_name = "SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(2..=60), requires = "etcd",
+          help_heading = CLUSTER)]
+    etcd_ttl: u64,
+
+    /// This server's name in every server's `.locks` and `.stats` (letters, digits, '.', '_',
+    /// '-'; at most 64) [default: the host name].
+    #[arg(long, value_name = "NAME", value_parser = parse_member_name, requires = "etcd",
+          help_heading = CLUSTER)]
+    etcd_name: Option<String>,
+
+    /// CA certificates (PEM) that signed the etcd members' certificates, as etcdctl --cacert
+    /// [default for https: the system's CA bundle].
+    #[arg(long, value_name = "FILE", requires = "etcd", help_heading = CLUSTER)]
+    etcd_cacert: Option<PathBuf>,
+
+    /// Client certificate (PEM) for etcd, as etcdctl --cert; needs --etcd-key.
+    #[arg(long, value_name = "FILE", requires_all = ["etcd", "etcd_key"], help_heading = CLUSTER)]
+    etcd_cert: Option<PathBuf>,
+
+    /// The client certificate's private key (PEM), as etcdctl --key.
+    #[arg(long, value_name = "FILE", requires_all = ["etcd", "etcd_cert"], help_heading = CLUSTER)]
+    etcd_key: Option<PathBuf>,
+
+    /// etcd user, when etcd's authentication is on; needs a password.
+    #[arg(long, value_name = "USER", value_parser = parse_credential, requires = "etcd",
+          help_heading = CLUSTER)]
+    etcd_user: Option<String>,
+
+    /// The etcd user's password (better given in the environment than on the command line,
+    /// where other users can read it).
+    #[arg(long, value_name = "PASSWORD", env = "TCPNETLOCK_ETCD_PASSWORD", hide_env_values = true,
+          value_parser = parse_credential, requires = "etcd_user", help_heading = CLUSTER)]
+    etcd_password: Option<String>,
 
     /// Obey `.server-shutdown`, from loopback peers only. Without this flag it is refused.
     #[arg(long)]
@@ -143,7 +197,112 @@ impl ServerArgs {
             keepalive_from_flags,
             allow_shutdown: self.allow_shutdown_from_loopback,
             state_dir: self.state_dir.clone(),
+            etcd: self.etcd_settings(),
         }
+    }
+
+    fn etcd_settings(&self) -> Option<EtcdSettings> {
+        if self.etcd.is_empty() {
+            return None;
+        }
+        Some(EtcdSettings {
+            endpoints: self.etcd.clone(),
+            prefix: self.etcd_prefix.clone(),
+            ttl: Duration::from_secs(self.etcd_ttl),
+            name: self.etcd_name.clone().unwrap_or_else(host_name),
+            ca_file: self.etcd_cacert.clone(),
+            cert_file: self.etcd_cert.clone(),
+            key_file: self.etcd_key.clone(),
+            user: self.etcd_user.clone(),
+            password: self.etcd_password.clone(),
+        })
+    }
+}
+
+const CLUSTER: &str = "Cluster mode (etcd)";
+const DEFAULT_PREFIX: &str = "/tcpnetlock/";
+/// The most etcd endpoints, and the longest endpoint, prefix and credential: far beyond any real
+/// cluster, and bounded so that a mistake is a clear error rather than a strange one.
+const MAX_ENDPOINTS: usize = 64;
+const MAX_FIELD: usize = 1024;
+
+/// One etcd client URL; its form is checked when the client is made (scheme, host, no path).
+fn parse_endpoint(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(
+            "an empty etcd endpoint (expected http://HOST:PORT or https://HOST:PORT)".into(),
+        );
+    }
+    if text.len() > MAX_FIELD || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "{text:?} is not an etcd client URL (expected http://HOST:PORT or https://HOST:PORT)"
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// Printable, no spaces, at most 1024 bytes.
+fn parse_prefix(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.len() > MAX_FIELD || !text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{text:?}: expected 1 to {MAX_FIELD} printable ASCII characters without spaces, such \
+             as {DEFAULT_PREFIX}"
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+fn valid_member_name(text: &str) -> bool {
+    (1..=64).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn parse_member_name(text: &str) -> Result<String, String> {
+    if !valid_member_name(text) {
+        return Err(format!(
+            "{text:?}: expected 1 to 64 letters, digits, '.', '_' or '-'"
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+fn parse_credential(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.len() > MAX_FIELD {
+        return Err(format!("expected 1 to {MAX_FIELD} bytes"));
+    }
+    Ok(text.to_owned())
+}
+
+/// The host name as a member name: what `--etcd-name` defaults to. Characters a name cannot
+/// have become '-'.
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into our buffer.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let raw = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    let name: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    if valid_member_name(&name) {
+        name
+    } else {
+        "tcpnetlock".into()
     }
 }
 
@@ -240,12 +399,28 @@ pub fn run(settings: Settings) -> Result<(), Fail> {
         .iter()
         .map(|l| l.local_addr().map_or("?".into(), |a| a.to_string()))
         .collect();
-    let server = Server::new(config).map_err(|e| {
-        Fail::new(
-            EXIT_USAGE,
-            &format!("cannot keep the fencing-token reservation: {e}"),
-        )
-    })?;
+    if let Some(etcd) = &config.etcd {
+        if etcd.endpoints.len() > MAX_ENDPOINTS {
+            return Err(Fail::new(
+                EXIT_USAGE,
+                &format!(
+                    "--etcd: {} endpoints given, at most {MAX_ENDPOINTS} are taken",
+                    etcd.endpoints.len()
+                ),
+            ));
+        }
+        if etcd.ttl < Duration::from_secs(5) {
+            warn!(
+                "--etcd-ttl {} s: etcd treats lease ttls under 5 s as a hint (an election can \
+                 take longer); a server may stop serving on a slow etcd",
+                etcd.ttl.as_secs()
+            );
+        }
+        if config.state_dir.is_some() {
+            warn!("--state-dir is not used with --etcd: fencing tokens come from etcd revisions");
+        }
+    }
+    let server = Server::new(config).map_err(|e| Fail::new(EXIT_USAGE, &e))?;
     server.start(listeners, passed).map_err(|e| {
         Fail::new(
             EXIT_FAILURE,

@@ -23,8 +23,8 @@ use tcpnetlock::status::{LockInfo, Locks, Mode, Stats};
 
 const EXIT_CODES: &str = "\
 Exit status: 0 on an answer (also when stdout is a pipe closed early, as by `head`); 125 if the \
-server cannot be reached; 1 if it answered with an error or something unexpected, or stdout \
-cannot be written; 2 for bad options.";
+server cannot be reached; 1 if it answered with an error or something unexpected (ping: also a \
+cluster member that cannot grant locks now), or stdout cannot be written; 2 for bad options.";
 
 #[derive(Debug, Args)]
 #[command(after_help = EXIT_CODES)]
@@ -40,7 +40,18 @@ pub struct StatusArgs {
 
 pub fn ping(args: StatusArgs) -> Result<u8, Fail> {
     let client = args.server.client();
-    let rtt = client.ping().map_err(|e| failure(&e))?;
+    // Up is not enough: a cluster member cut off from etcd answers, and grants nothing.
+    let rtt = client.ping_serving().map_err(|e| match &e {
+        client::Error::Server(why) if why.starts_with("not serving locks") => Fail::new(
+            EXIT_FAILURE,
+            &format!(
+                "{} answers but cannot grant locks now: {}",
+                printable(&client.server()),
+                printable(why)
+            ),
+        ),
+        _ => failure(&e),
+    })?;
     let ms = rtt.as_secs_f64() * 1000.0;
     let server = client.server();
     if args.json {

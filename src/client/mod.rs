@@ -291,6 +291,26 @@ impl Client {
         Ok(start.elapsed())
     }
 
+    /// Asks whether the server can grant locks now (`.ping,serving:1`); returns the time from
+    /// request to `pong`. A server on its own always can; a cluster member that cannot (it holds
+    /// no etcd lease) answers [`Error::Server`] with why (`not serving locks: ...`). Servers
+    /// before 0.3 (0.1.8 included) ignore the question and answer `pong`.
+    ///
+    /// ```no_run
+    /// use tcpnetlock::client::{Client, Error};
+    ///
+    /// match Client::new("localhost", 7654).ping_serving() {
+    ///     Ok(rtt) => println!("serving; pong in {rtt:?}"),
+    ///     Err(Error::Server(why)) => println!("up, but {why}"),
+    ///     Err(e) => println!("down: {e}"),
+    /// }
+    /// ```
+    pub fn ping_serving(&self) -> Result<Duration, Error> {
+        let start = std::time::Instant::now();
+        self.ask(".ping,serving:1", "pong", LINE_MAX)?;
+        Ok(start.elapsed())
+    }
+
     /// The server's counters and state (`.stats`). Works against tcpnetlock 0.1.8 too, which
     /// fills only a few of the fields; see [`Stats`] for what a field that is `None` means.
     ///
@@ -737,6 +757,20 @@ impl LockBuilder<'_> {
             renew_every: renewal_interval(self.ttl, self.renew_every),
             reply_timeout: client.reply_timeout,
         })
+    }
+
+    /// Checks the arguments as [`take`](LockBuilder::take) does first, without connecting: what
+    /// the server would refuse, or what cannot work ([`Error::InvalidArgument`]).
+    ///
+    /// ```
+    /// use tcpnetlock::client::{Client, Error};
+    ///
+    /// let client = Client::new("localhost", 7654);
+    /// assert!(matches!(client.request("a/b").validate(), Err(Error::InvalidArgument(_))));
+    /// assert!(client.request("deploy").validate().is_ok());
+    /// ```
+    pub fn validate(&self) -> Result<(), Error> {
+        Ok(self.check()?)
     }
 
     /// What the server would refuse, or what cannot work, found before connecting.

@@ -1,6 +1,8 @@
 //! What the operator can tune: one field per `tcpnetlock server` flag, with the defaults the
 //! README documents.
 
+use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::listen::Keepalive;
@@ -21,6 +23,43 @@ pub struct Config {
     pub allow_shutdown: bool,
     /// Where the fencing-token reservation is kept across restarts (see [`super::tokens`]).
     pub state_dir: Option<std::path::PathBuf>,
+    /// Cluster mode: lock state in etcd (`--etcd`); `None` keeps it in memory.
+    pub etcd: Option<EtcdSettings>,
+}
+
+/// How a cluster member reaches etcd and names itself; one field per `--etcd-*` flag.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdSettings {
+    /// Client URLs, `http://HOST:PORT` or `https://HOST:PORT`.
+    pub endpoints: Vec<String>,
+    /// Every key the cluster writes starts with it.
+    pub prefix: String,
+    /// The member's etcd lease ttl.
+    pub ttl: Duration,
+    /// How `.locks` on every member names this one.
+    pub name: String,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+/// Without the password: settings end up in logs and test failures.
+impl fmt::Debug for EtcdSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdSettings")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("ttl", &self.ttl)
+            .field("name", &self.name)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
 }
 
 /// TCP keepalive unless flags or the systemd socket unit say otherwise: a vanished peer is
@@ -44,6 +83,7 @@ impl Default for Config {
             keepalive_from_flags: false,
             allow_shutdown: false,
             state_dir: None,
+            etcd: None,
         }
     }
 }

@@ -102,6 +102,18 @@ impl Link {
         let _ = self.stream.shutdown(Shutdown::Both);
     }
 
+    /// Ends the connection without a word, after any grant decided for it: a holder whose lock
+    /// this server can no longer vouch for (cluster mode) learns it from the close, as it would
+    /// from a server that died.
+    #[cfg(feature = "etcd")]
+    pub(super) fn hang_up(&self) {
+        let mut out = self.out_after_grant();
+        if std::mem::replace(&mut out.closed, true) {
+            return;
+        }
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
     /// A reply from the connection's own thread, after any grant decided for it. Fails if the
     /// connection was ended by another thread (it was told why) or the client is gone.
     pub fn reply(&self, reply: &Reply) -> io::Result<()> {

@@ -9,6 +9,8 @@
 //! is read from the lock state's counts and the server's own counters at the moment of asking.
 
 mod accept;
+#[cfg(feature = "etcd")]
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod fdlimit;
@@ -41,6 +43,12 @@ use memory::MemoryLocks;
 /// leaves ample room and, being mostly untouched, costs little resident memory per holder.
 const WORKER_STACK: usize = 128 * 1024;
 
+/// Worker stack size in cluster mode, where a connection's own thread calls etcd: HTTP, JSON
+/// and, over https, a TLS handshake whenever no idle connection to etcd is at hand (a debug
+/// build overflowed 128 KiB there, and a stack overflow aborts the whole server). Pages never
+/// touched cost nothing resident.
+const CLUSTER_WORKER_STACK: usize = 1024 * 1024;
+
 /// How long a worker idle since a burst waits for another job before its thread ends.
 const IDLE_WORKER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -67,15 +75,28 @@ pub struct Server {
 }
 
 impl Server {
-    /// Fails only when the token reservation in `--state-dir` cannot be read or written.
-    pub fn new(config: Config) -> io::Result<Arc<Server>> {
-        let (first_token, tokens) = tokens::Tokens::start(config.state_dir.as_deref())?;
+    /// Fails when the token reservation in `--state-dir` cannot be read or written, or the
+    /// cluster settings cannot work (this build has no cluster mode; a bad URL; a certificate
+    /// that cannot be read): the message says which.
+    pub fn new(config: Config) -> Result<Arc<Server>, String> {
         let metrics = Arc::new(ServerMetrics::new());
+        let locks: Arc<dyn Locks> = match &config.etcd {
+            None => {
+                let (first_token, tokens) = tokens::Tokens::start(config.state_dir.as_deref())
+                    .map_err(|e| format!("cannot keep the fencing-token reservation: {e}"))?;
+                Arc::new(MemoryLocks::new(first_token, tokens, Arc::clone(&metrics)))
+            }
+            Some(settings) => cluster_locks(settings, &metrics)?,
+        };
+        let stack = match config.etcd {
+            Some(_) => CLUSTER_WORKER_STACK,
+            None => WORKER_STACK,
+        };
         Ok(Arc::new(Server {
             config,
-            locks: Arc::new(MemoryLocks::new(first_token, tokens, Arc::clone(&metrics))),
+            locks,
             metrics,
-            pool: pool::Pool::new(IDLE_WORKER_TIMEOUT, WORKER_STACK, Acceptor::run),
+            pool: pool::Pool::new(IDLE_WORKER_TIMEOUT, stack, Acceptor::run),
             started: Instant::now(),
             requests: AtomicU64::new(0),
             open: AtomicUsize::new(0),
@@ -131,4 +152,32 @@ impl Server {
         log::logger().flush();
         std::process::exit(0)
     }
+}
+
+#[cfg(feature = "etcd")]
+fn cluster_locks(
+    settings: &config::EtcdSettings,
+    metrics: &Arc<ServerMetrics>,
+) -> Result<Arc<dyn Locks>, String> {
+    let locks = cluster::EtcdLocks::new(settings, Arc::clone(metrics))
+        .map_err(|e| format!("--etcd: {e}"))?;
+    info!(
+        "cluster mode: lock state in etcd at {} under {}, as member {:?}",
+        locks.endpoints().join(","),
+        settings.prefix,
+        settings.name
+    );
+    Ok(Arc::new(locks))
+}
+
+#[cfg(not(feature = "etcd"))]
+fn cluster_locks(
+    _: &config::EtcdSettings,
+    _: &Arc<ServerMetrics>,
+) -> Result<Arc<dyn Locks>, String> {
+    Err(
+        "--etcd: this build has no cluster mode (it was built without the `etcd` feature; \
+         the release binaries and packages have it, or build with `cargo build --features etcd`)"
+            .into(),
+    )
 }

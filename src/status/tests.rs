@@ -446,6 +446,7 @@ fn what_is_written_reads_back_the_same() {
     weird.token = Some(u64::MAX);
     weird.ttl_secs = Some(86_400.5);
     weird.mode = Some(Mode::Shared);
+    weird.server = Some("tnl-2".into());
     weird.other.insert("zone".into(), serde_json::json!("eu-2"));
     weird.other.insert(
         "\u{1}odd key\"".into(),

@@ -624,6 +624,8 @@ pub fn sort_snapshot(locks: &mut [LockInfo]) {
 
 #[cfg(any(test, fuzzing))]
 pub mod model;
+#[cfg(any(test, fuzzing, feature = "etcd"))]
+pub mod queue;
 
 #[cfg(test)]
 mod tests;

@@ -525,3 +525,303 @@ impl Check {
         }
     }
 }
+
+/// The queue rule ([`super::queue`]) run the way a cluster member runs it: per name, one list of
+/// requests in arrival order, each holding or not, and who holds decided by
+/// [`super::queue::holders`] and [`super::queue::place`] alone. Time is handled as the model
+/// handles it (leases, waits, the timer running late), so that any difference in who is granted,
+/// queued or refused comes from the rule.
+#[derive(Debug, Default)]
+pub struct QueueSim {
+    names: BTreeMap<String, Vec<Request>>,
+    grants: u64,
+    counters: Counters,
+}
+
+#[derive(Debug, Clone)]
+struct Request {
+    conn: ConnId,
+    entry: super::queue::Entry,
+    since: Instant,
+    deadline: Option<Instant>,
+    ttl: Option<Duration>,
+    /// When it was granted, and when its lease runs out; `None` while it waits.
+    granted: Option<(Instant, Option<Instant>)>,
+}
+
+impl QueueSim {
+    fn entries(list: &[Request]) -> Vec<super::queue::Entry> {
+        list.iter().map(|r| r.entry).collect()
+    }
+
+    pub fn lock(&mut self, name: &str, claim: &Claim<u64>, now: Instant) -> Decision {
+        use super::queue::{Place, place};
+        let list = self.names.entry(name.to_owned()).or_default();
+        list.push(Request {
+            conn: claim.conn,
+            entry: super::queue::Entry {
+                max: claim.max,
+                shared: claim.shared,
+            },
+            since: now,
+            deadline: None,
+            ttl: claim.ttl,
+            granted: None,
+        });
+        let at = list.len() - 1;
+        let decision = match place(&Self::entries(list), at) {
+            Place::MaxMismatch { max } => {
+                list.pop();
+                self.counters.max_mismatches += 1;
+                Decision::MaxMismatch { max }
+            }
+            Place::Holds => {
+                self.grants += 1;
+                self.counters.acquired += 1;
+                self.counters.shared_acquired += u64::from(claim.shared);
+                list[at].granted = Some((now, claim.ttl.map(|t| now + t)));
+                Decision::Granted { token: self.grants }
+            }
+            Place::Waits => match claim.wait.filter(|w| !w.is_zero()) {
+                Some(wait) => {
+                    list[at].deadline = Some(now + wait);
+                    Decision::Queued
+                }
+                None => {
+                    list.pop();
+                    self.counters.not_acquired += 1;
+                    Decision::NotGranted
+                }
+            },
+        };
+        self.forget_empty();
+        decision
+    }
+
+    pub fn state(&self, name: &str, conn: ConnId) -> State {
+        match self
+            .names
+            .get(name)
+            .and_then(|l| l.iter().find(|r| r.conn == conn))
+        {
+            Some(r) if r.granted.is_some() => State::Holding,
+            Some(_) => State::Waiting,
+            None => State::Absent,
+        }
+    }
+
+    pub fn activity(&mut self, name: &str, conn: ConnId, now: Instant) -> State {
+        if let Some(r) = self
+            .names
+            .get_mut(name)
+            .and_then(|l| l.iter_mut().find(|r| r.conn == conn))
+            && let Some((_, expiry)) = &mut r.granted
+        {
+            *expiry = r.ttl.map(|t| now + t);
+        }
+        self.state(name, conn)
+    }
+
+    pub fn leave(&mut self, name: &str, conn: ConnId, now: Instant) -> (Left, Vec<Event<u64>>) {
+        let mut events = Vec::new();
+        let Some(list) = self.names.get_mut(name) else {
+            return (Left::Absent, events);
+        };
+        let Some(i) = list.iter().position(|r| r.conn == conn) else {
+            return (Left::Absent, events);
+        };
+        let r = list.remove(i);
+        let left = match r.granted {
+            Some((at, _)) => {
+                self.counters.released += 1;
+                Left::Held(now - at)
+            }
+            None => Left::Waited(now - r.since),
+        };
+        self.promote(name, now, &mut events);
+        self.forget_empty();
+        (left, events)
+    }
+
+    pub fn tick(&mut self, now: Instant) -> Vec<Event<u64>> {
+        let mut due: Vec<(Instant, ConnId, String)> = Vec::new();
+        for (name, list) in &self.names {
+            for r in list {
+                let at = match r.granted {
+                    Some((_, expiry)) => expiry,
+                    None => r.deadline,
+                };
+                if let Some(at) = at.filter(|at| *at <= now) {
+                    due.push((at, r.conn, name.clone()));
+                }
+            }
+        }
+        due.sort();
+        let mut events = Vec::new();
+        for (_, conn, name) in &due {
+            let list = self.names.get_mut(name).expect("present");
+            let i = list.iter().position(|r| r.conn == *conn).expect("due");
+            let r = list.remove(i);
+            match r.granted {
+                Some((at, _)) => {
+                    self.counters.expired += 1;
+                    events.push(Event::Expired {
+                        conn: *conn,
+                        held: now - at,
+                        handle: conn.0,
+                    });
+                }
+                None => {
+                    self.counters.wait_timeouts += 1;
+                    self.counters.not_acquired += 1;
+                    events.push(Event::TimedOut {
+                        conn: *conn,
+                        handle: conn.0,
+                    });
+                }
+            }
+        }
+        for (_, _, name) in &due {
+            self.promote(name, now, &mut events);
+        }
+        self.forget_empty();
+        events
+    }
+
+    /// Grants, in list order, every waiter the rule now counts among the holders; one whose
+    /// wait is over is told so and leaves the list instead.
+    fn promote(&mut self, name: &str, now: Instant, events: &mut Vec<Event<u64>>) {
+        let list = self.names.get_mut(name).expect("present");
+        loop {
+            let n = super::queue::holders(Self::entries(list));
+            let Some(i) = list[..n].iter().position(|r| r.granted.is_none()) else {
+                break;
+            };
+            let r = &mut list[i];
+            if r.deadline.is_some_and(|d| d <= now) {
+                let conn = r.conn;
+                list.remove(i);
+                self.counters.wait_timeouts += 1;
+                self.counters.not_acquired += 1;
+                events.push(Event::TimedOut {
+                    conn,
+                    handle: conn.0,
+                });
+                continue;
+            }
+            self.grants += 1;
+            self.counters.acquired += 1;
+            self.counters.granted_after_wait += 1;
+            self.counters.shared_acquired += u64::from(r.entry.shared);
+            r.granted = Some((now, r.ttl.map(|t| now + t)));
+            events.push(Event::Granted {
+                conn: r.conn,
+                token: self.grants,
+                waited: now - r.since,
+                handle: r.conn.0,
+            });
+        }
+    }
+
+    fn forget_empty(&mut self) {
+        self.names.retain(|_, l| !l.is_empty());
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+}
+
+/// Drives the reference [`Model`] and a [`QueueSim`] with the same operations and panics at the
+/// first difference: decisions, events (tokens as grant ordinals), where every connection
+/// stands, and the counters.
+pub struct CheckQueue {
+    model: Model,
+    sim: QueueSim,
+    names: Vec<String>,
+    now: Instant,
+    conns: Vec<(ConnId, usize)>,
+}
+
+impl CheckQueue {
+    pub fn new(names: &[&str]) -> CheckQueue {
+        CheckQueue {
+            model: Model::new(),
+            sim: QueueSim::default(),
+            names: names.iter().map(|n| n.to_string()).collect(),
+            now: Instant::now(),
+            conns: Vec::new(),
+        }
+    }
+
+    /// As [`Check::present`].
+    pub fn present(&self) -> Vec<usize> {
+        (0..self.conns.len())
+            .filter(|&i| {
+                let (conn, name) = self.conns[i];
+                self.model.state(&self.names[name], conn) != State::Absent
+            })
+            .collect()
+    }
+
+    pub fn apply(&mut self, op: &Op) {
+        let names = self.names.len();
+        match *op {
+            Op::Lock {
+                name,
+                max,
+                wait,
+                ttl,
+                shared,
+            } => {
+                let name = name % names;
+                let conn = ConnId(self.conns.len() as u64 + 1);
+                self.conns.push((conn, name));
+                let req = Claim {
+                    conn,
+                    client_id: None,
+                    peer: None,
+                    max,
+                    wait,
+                    ttl,
+                    shared,
+                    handle: conn.0,
+                };
+                let n = &self.names[name];
+                let want = self.model.lock(n, &req, self.now);
+                let got = self.sim.lock(n, &req, self.now);
+                assert_eq!(got, want, "{op:?}");
+            }
+            Op::Leave { conn, name } | Op::Activity { conn, name } => {
+                if self.conns.is_empty() {
+                    return;
+                }
+                let (id, own) = self.conns[conn % self.conns.len()];
+                let n = self.names[name.map_or(own, |n| n % names)].clone();
+                if let Op::Leave { .. } = op {
+                    let got = self.sim.leave(&n, id, self.now);
+                    let want = self.model.leave(&n, id, self.now);
+                    assert_eq!(got, want, "{op:?}");
+                } else {
+                    let got = self.sim.activity(&n, id, self.now);
+                    assert_eq!(got, self.model.activity(&n, id, self.now), "{op:?}");
+                }
+            }
+            Op::Advance { advance } => self.now += advance,
+            Op::Tick => {
+                let got = self.sim.tick(self.now);
+                assert_eq!(got, self.model.tick(self.now), "{op:?}");
+            }
+        }
+        for &(conn, _) in &self.conns {
+            for name in &self.names {
+                assert_eq!(
+                    self.sim.state(name, conn),
+                    self.model.state(name, conn),
+                    "{conn:?} on {name} after {op:?}"
+                );
+            }
+        }
+        assert_eq!(self.sim.counters(), self.model.counters(), "after {op:?}");
+    }
+}

@@ -574,3 +574,55 @@ fn random_operations_match_the_model() {
         }
     }
 }
+
+/// The cluster's rule (one list per name in arrival order, `queue::holders` decides) grants,
+/// queues and refuses exactly as the table's model does, on the same random histories.
+#[test]
+fn queue_rule_matches_the_model() {
+    use super::model::{CheckQueue, Op};
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    for _round in 0..400 {
+        let mut check = CheckQueue::new(&["p", "q"]);
+        for _step in 0..80 {
+            match next(4) {
+                0 | 1 => check.apply(&Op::Lock {
+                    name: next(2) as usize,
+                    max: [1, 1, 2, 3][next(4) as usize],
+                    wait: [None, Some(0.0), Some(1.0), Some(3.0)][next(4) as usize].map(secs),
+                    ttl: [None, None, Some(1.0), Some(2.5)][next(4) as usize].map(secs),
+                    shared: next(3) == 0,
+                }),
+                2 => {
+                    let present = check.present();
+                    let conn = match next(8) {
+                        0 => next(64) as usize,
+                        _ if present.is_empty() => continue,
+                        _ => present[next(present.len() as u64) as usize],
+                    };
+                    let name = (next(8) == 0).then(|| next(2) as usize);
+                    check.apply(&Op::Leave { conn, name });
+                }
+                _ => {
+                    for conn in check.present() {
+                        if next(2) == 0 {
+                            check.apply(&Op::Activity { conn, name: None });
+                        }
+                    }
+                    let advance = [0.0, 0.25, 0.5, 1.0][next(4) as usize];
+                    check.apply(&Op::Advance {
+                        advance: secs(advance),
+                    });
+                    if next(4) != 0 {
+                        check.apply(&Op::Tick);
+                    }
+                }
+            }
+        }
+    }
+}
