@@ -622,6 +622,8 @@ pub fn sort_snapshot(locks: &mut [LockInfo]) {
     }
 }
 
+pub mod export;
+
 #[cfg(any(test, fuzzing))]
 pub mod model;
 
