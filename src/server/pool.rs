@@ -7,47 +7,86 @@
 //!
 //! Spawning can fail (pids cgroup limit, RLIMIT_NPROC, memory); [`Pool::submit`] then hands the
 //! job back so the caller can refuse the client cleanly instead of dropping it.
+//!
+//! For a hand-over to the next server process (`server::handover`) every job must come to rest
+//! where no byte of its connection can be lost, and stay there: the pool knows each worker's
+//! thread, to wake the busy ones with a signal ([`Pool::quiesce`]), and parks the jobs that say
+//! they are at rest ([`Pool::rest`]) until the process ends or the hand-over is called off
+//! ([`Pool::resume`]). Parked jobs block rather than return: thousands of threads unwinding one by
+//! one would lengthen the hand-over by hundreds of milliseconds.
 
-use std::collections::VecDeque;
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-pub struct Pool<J> {
-    shared: Arc<Shared<J>>,
+pub struct Pool<J, R = ()> {
+    shared: Arc<Shared<J, R>>,
 }
 
-struct Shared<J> {
-    state: Mutex<Workers<J>>,
+struct Shared<J, R> {
+    state: Mutex<Workers<J, R>>,
     wake: Condvar,
+    /// Signalled when the last busy worker comes to rest.
+    rested: Condvar,
+    /// Signalled when resting workers may go on.
+    resumed: Condvar,
     run: Box<dyn Fn(J) + Send + Sync>,
     idle_timeout: Duration,
     stack_size: usize,
 }
 
-struct Workers<J> {
+struct Workers<J, R> {
     queue: VecDeque<J>,
     /// Workers waiting for a job. A job is queued only when an idle worker is sure to take it;
     /// otherwise a new worker is started with the job in hand.
     idle: usize,
     threads: usize,
+    /// Every worker by its number, for [`Pool::quiesce`] to wake the busy ones.
+    members: HashMap<u64, Member>,
+    next_member: u64,
+    /// Workers parked in [`Pool::rest`].
+    resting: usize,
+    /// Moves on each [`Pool::resume`]: workers parked before it go on.
+    epoch: u64,
+    /// What the resting jobs handed over.
+    records: Vec<R>,
 }
 
-impl<J: Send + 'static> Pool<J> {
+struct Member {
+    thread: libc::pthread_t,
+    busy: bool,
+    resting: bool,
+}
+
+thread_local! {
+    /// The calling worker's number in its pool (a thread serves one pool).
+    static MEMBER: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+impl<J: Send + 'static, R: Send + 'static> Pool<J, R> {
     pub fn new(
         idle_timeout: Duration,
         stack_size: usize,
         run: impl Fn(J) + Send + Sync + 'static,
-    ) -> Pool<J> {
+    ) -> Pool<J, R> {
         Pool {
             shared: Arc::new(Shared {
                 state: Mutex::new(Workers {
                     queue: VecDeque::new(),
                     idle: 0,
                     threads: 0,
+                    members: HashMap::new(),
+                    next_member: 0,
+                    resting: 0,
+                    epoch: 0,
+                    records: Vec::new(),
                 }),
                 wake: Condvar::new(),
+                rested: Condvar::new(),
+                resumed: Condvar::new(),
                 run: Box::new(run),
                 idle_timeout,
                 stack_size,
@@ -79,6 +118,7 @@ impl<J: Send + 'static> Pool<J> {
                 let first = theirs.lock().unwrap_or_else(PoisonError::into_inner).take();
                 drop(theirs);
                 if let Some(job) = first {
+                    shared.join();
                     shared.work(job);
                 }
             });
@@ -100,12 +140,131 @@ impl<J: Send + 'static> Pool<J> {
         let state = self.shared.lock();
         (state.threads, state.idle)
     }
+
+    /// Called by a job, on its worker: hands over `record` (what the job owns) and parks until
+    /// [`Pool::resume`]; the job then goes on where it was (the hand-over was called off).
+    /// Returns at once if `resting` no longer holds, checked under the pool's lock: the caller
+    /// of [`Pool::resume`] makes it false first, so a job never parks after the last resume.
+    pub fn rest(&self, record: Option<R>, resting: impl Fn() -> bool) {
+        let Some(me) = MEMBER.get() else { return };
+        let mut state = self.shared.lock();
+        if !resting() {
+            return;
+        }
+        state.records.extend(record);
+        if let Some(m) = state.members.get_mut(&me) {
+            m.resting = true;
+        }
+        state.resting += 1;
+        // Only the last one wakes the caller of quiesce: a thousand wake-ups of it would cost
+        // more than the rest of the hand-over.
+        if state.all_resting() {
+            self.shared.rested.notify_all();
+        }
+        let epoch = state.epoch;
+        while state.epoch == epoch {
+            state = self
+                .shared
+                .resumed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        state.resting -= 1;
+        if let Some(m) = state.members.get_mut(&me) {
+            m.resting = false;
+        }
+    }
+
+    /// Brings every busy worker to rest: `wake` is called for each busy worker's thread not at
+    /// rest yet, again every `every` until all are, since a job may miss the first call (it was
+    /// about to block when it came). False if some were not at rest by `deadline`.
+    pub fn quiesce(
+        &self,
+        every: Duration,
+        deadline: Instant,
+        wake: impl Fn(libc::pthread_t),
+    ) -> bool {
+        let mut state = self.shared.lock();
+        loop {
+            if state.all_resting() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            let threads: Vec<libc::pthread_t> = state
+                .members
+                .values()
+                .filter(|m| m.busy && !m.resting)
+                .map(|m| m.thread)
+                .collect();
+            drop(state);
+            for t in threads {
+                wake(t);
+            }
+            state = self.shared.lock();
+            if state.all_resting() {
+                return true;
+            }
+            state = self
+                .shared
+                .rested
+                .wait_timeout(state, every)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Takes what the resting jobs handed over (call it once [`Pool::quiesce`] said all rest).
+    pub fn take_records(&self) -> Vec<R> {
+        std::mem::take(&mut self.shared.lock().records)
+    }
+
+    /// Lets the workers parked in [`Pool::rest`] go on; what they handed over is dropped.
+    pub fn resume(&self) {
+        let mut state = self.shared.lock();
+        state.epoch += 1;
+        let records = std::mem::take(&mut state.records);
+        drop(state);
+        self.shared.resumed.notify_all();
+        drop(records);
+    }
 }
 
-impl<J> Shared<J> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Workers<J>> {
+impl<J, R> Workers<J, R> {
+    /// Every busy worker is at rest, and no job waits for one.
+    fn all_resting(&self) -> bool {
+        self.resting == self.threads - self.idle && self.queue.is_empty()
+    }
+
+    fn set_busy(&mut self, member: Option<u64>, busy: bool) {
+        if let Some(m) = member.and_then(|m| self.members.get_mut(&m)) {
+            m.busy = busy;
+        }
+    }
+}
+
+impl<J, R> Shared<J, R> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Workers<J, R>> {
         // Jobs run outside this lock, so a poisoned state is still consistent.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes the calling thread a member, so that [`Pool::quiesce`] can wake it.
+    fn join(&self) {
+        let mut state = self.lock();
+        let me = state.next_member;
+        state.next_member += 1;
+        state.members.insert(
+            me,
+            Member {
+                // SAFETY: pthread_self has no preconditions.
+                thread: unsafe { libc::pthread_self() },
+                busy: true,
+                resting: false,
+            },
+        );
+        MEMBER.set(Some(me));
     }
 
     fn work(&self, mut job: J) {
@@ -121,11 +280,14 @@ impl<J> Shared<J> {
     }
 
     fn next_job(&self) -> Option<J> {
+        let me = MEMBER.get();
         let mut state = self.lock();
         state.idle += 1;
+        state.set_busy(me, false);
         loop {
             if let Some(job) = state.queue.pop_front() {
                 state.idle -= 1;
+                state.set_busy(me, true);
                 return Some(job);
             }
             let (s, timeout) = self
@@ -136,6 +298,9 @@ impl<J> Shared<J> {
             if timeout.timed_out() && state.queue.is_empty() {
                 state.idle -= 1;
                 state.threads -= 1;
+                if let Some(me) = me {
+                    state.members.remove(&me);
+                }
                 return None;
             }
         }
@@ -161,7 +326,7 @@ mod tests {
         let (done_tx, done_rx) = mpsc::channel::<u32>();
         let gate = Arc::new((Mutex::new(false), Condvar::new()));
         let g = Arc::clone(&gate);
-        let pool = Pool::new(Duration::from_secs(60), 64 * 1024, move |n: u32| {
+        let pool: Pool<u32> = Pool::new(Duration::from_secs(60), 64 * 1024, move |n: u32| {
             let (open, cv) = &*g;
             let mut o = open.lock().unwrap();
             while !*o {
@@ -190,7 +355,7 @@ mod tests {
 
     #[test]
     fn idle_workers_retire() {
-        let pool = Pool::new(Duration::from_millis(50), 64 * 1024, |_: ()| {});
+        let pool: Pool<()> = Pool::new(Duration::from_millis(50), 64 * 1024, |_: ()| {});
         pool.submit(()).map_err(|(_, e)| e).unwrap();
         pool.submit(()).map_err(|(_, e)| e).unwrap();
         wait_for(|| pool.size() == (0, 0));
@@ -199,7 +364,7 @@ mod tests {
     #[test]
     fn a_panicking_job_keeps_its_worker() {
         let (tx, rx) = mpsc::channel();
-        let pool = Pool::new(Duration::from_secs(60), 64 * 1024, move |n: u32| {
+        let pool: Pool<u32> = Pool::new(Duration::from_secs(60), 64 * 1024, move |n: u32| {
             if n == 0 {
                 panic!("job 0 panics (expected in this test)");
             }
@@ -210,5 +375,55 @@ mod tests {
         pool.submit(1).map_err(|(_, e)| e).unwrap();
         assert_eq!(rx.recv().unwrap(), 1);
         assert_eq!(pool.size().0, 1);
+    }
+
+    /// Busy workers are woken until each rests, their records are collected, and after a resume
+    /// they go on where they were; idle workers are left alone.
+    #[test]
+    fn quiesce_wakes_busy_workers_and_resume_lets_them_go_on() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        static RESTING: AtomicBool = AtomicBool::new(false);
+        let woken = Arc::new(AtomicUsize::new(0));
+        let (done_tx, done_rx) = mpsc::channel::<u32>();
+        let pool: Arc<Pool<u32, u32>> =
+            Arc::new_cyclic(|weak: &std::sync::Weak<Pool<u32, u32>>| {
+                let weak = weak.clone();
+                Pool::new(Duration::from_secs(60), 64 * 1024, move |n: u32| {
+                    // A job that "blocks" until told to rest, as a connection's read does.
+                    while !RESTING.load(Ordering::SeqCst) {
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                    weak.upgrade()
+                        .unwrap()
+                        .rest(Some(n), || RESTING.load(Ordering::SeqCst));
+                    done_tx.send(n).unwrap();
+                })
+            });
+        for n in 0..3 {
+            pool.submit(n).map_err(|(_, e)| e).unwrap();
+        }
+        wait_for(|| pool.size() == (3, 0));
+        RESTING.store(true, Ordering::SeqCst);
+        let w = Arc::clone(&woken);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        assert!(pool.quiesce(Duration::from_millis(2), deadline, move |_| {
+            w.fetch_add(1, Ordering::SeqCst);
+        }));
+        let mut records = pool.take_records();
+        records.sort();
+        assert_eq!(records, [0, 1, 2]);
+        assert!(done_rx.try_recv().is_err(), "a resting job went on");
+        RESTING.store(false, Ordering::SeqCst);
+        pool.resume();
+        let mut done: Vec<u32> = (0..3).map(|_| done_rx.recv().unwrap()).collect();
+        done.sort();
+        assert_eq!(done, [0, 1, 2]);
+        // No busy worker left: quiesce is done at once, waking nobody.
+        wait_for(|| pool.size() == (3, 3));
+        let before = woken.load(Ordering::SeqCst);
+        assert!(pool.quiesce(Duration::from_millis(2), Instant::now(), |_| {
+            panic!("an idle worker was woken")
+        }));
+        assert_eq!(woken.load(Ordering::SeqCst), before);
     }
 }

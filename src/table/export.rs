@@ -8,7 +8,7 @@
 //! than trusting it, so a state that would break a rule of the table (two holders of a mutex, a
 //! connection in two places) is refused with the reason, never turned into a broken table.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,16 +61,6 @@ pub struct WaiterExport {
     pub waited: Duration,
     /// When the wait runs out, as [`HolderExport::lease_due_ns`].
     pub wait_due_ns: i64,
-}
-
-impl Export {
-    /// Every connection the table knows, holders and waiters.
-    pub fn conns(&self) -> impl Iterator<Item = ConnId> + '_ {
-        self.names.iter().flat_map(|n| {
-            let holders = n.holders.iter().map(|h| h.conn);
-            holders.chain(n.waiters.iter().map(|w| w.conn))
-        })
-    }
 }
 
 impl<H: Clone> Table<H> {
@@ -255,24 +245,4 @@ fn instant(at: Instant, ns: i64) -> Instant {
         at.checked_sub(d)
     };
     t.unwrap_or(at)
-}
-
-/// The connection numbers an export uses, to continue numbering above them.
-pub fn highest_conn(export: &Export) -> Option<ConnId> {
-    export.conns().max()
-}
-
-/// Connections of `export` and how they stand, for checking a hand-over against the records of
-/// the connections that came with it.
-pub fn conn_names(export: &Export) -> HashMap<ConnId, Arc<str>> {
-    let mut map = HashMap::new();
-    for n in &export.names {
-        for conn in n.holders.iter().map(|h| h.conn) {
-            map.insert(conn, Arc::clone(&n.name));
-        }
-        for conn in n.waiters.iter().map(|w| w.conn) {
-            map.insert(conn, Arc::clone(&n.name));
-        }
-    }
-    map
 }

@@ -592,8 +592,14 @@ fn a_restored_table_keeps_holders_waiters_and_their_time() {
     assert!(is_granted(t.lock("a", req(1).ttl(10.0), now)));
     assert!(is_granted(t.lock("s", req(2).shared().ttl(5.0), now)));
     assert!(is_granted(t.lock("s", req(3).shared(), now)));
-    assert_eq!(t.lock("a", req(4).wait(20.0), now + secs(1.0)), Decision::Queued);
-    assert_eq!(t.lock("a", req(5).wait(2.0).ttl(1.0), now + secs(2.0)), Decision::Queued);
+    assert_eq!(
+        t.lock("a", req(4).wait(20.0), now + secs(1.0)),
+        Decision::Queued
+    );
+    assert_eq!(
+        t.lock("a", req(5).wait(2.0).ttl(1.0), now + secs(2.0)),
+        Decision::Queued
+    );
     assert!(is_granted(t.lock("k", req(6).max(2), now)));
     let export = t.export(now + secs(3.0));
     assert_eq!(export.next_token, 104);
@@ -617,16 +623,38 @@ fn a_restored_table_keeps_holders_waiters_and_their_time() {
     // Conn 5's wait runs out 1 s after the hand-over, conn 2's lease at 2 s, conn 1's at 7 s.
     assert_eq!(r.next_deadline(), Some(later + secs(1.0)));
     let events = r.tick(later + secs(1.0));
-    assert!(matches!(events[..], [Event::TimedOut { conn: ConnId(5), .. }]));
+    assert!(matches!(
+        events[..],
+        [Event::TimedOut {
+            conn: ConnId(5),
+            ..
+        }]
+    ));
     let events = r.tick(later + secs(2.0));
-    assert!(matches!(events[..], [Event::Expired { conn: ConnId(2), .. }]));
+    assert!(matches!(
+        events[..],
+        [Event::Expired {
+            conn: ConnId(2),
+            ..
+        }]
+    ));
     assert_eq!(r.next_deadline(), Some(later + secs(7.0)));
     let events = r.tick(later + secs(7.0));
-    assert!(matches!(events[0], Event::Expired { conn: ConnId(1), .. }));
+    assert!(matches!(
+        events[0],
+        Event::Expired {
+            conn: ConnId(1),
+            ..
+        }
+    ));
     // The waiter is granted with the next token, its lease from now.
     assert!(matches!(
         events[1],
-        Event::Granted { conn: ConnId(4), token: 104, .. }
+        Event::Granted {
+            conn: ConnId(4),
+            token: 104,
+            ..
+        }
     ));
     // A new process whose own first token is higher continues from there.
     let r = Table::restore(&export, later, 5_000, |c| Some(c.0)).unwrap();
@@ -643,7 +671,10 @@ fn a_state_that_breaks_a_rule_is_refused() {
     let refused = |e: &export::Export| Table::restore(e, now, 0, |c| Some(c.0)).unwrap_err();
 
     let err = Table::restore(&good, now, 0, |c| (c.0 != 2).then_some(c.0)).unwrap_err();
-    assert!(err.contains("connection 2") && err.contains("did not come"), "{err}");
+    assert!(
+        err.contains("connection 2") && err.contains("did not come"),
+        "{err}"
+    );
     let mut two_holders = good.clone();
     let mut second = two_holders.names[0].holders[0].clone();
     second.conn = ConnId(9);
