@@ -402,9 +402,10 @@ fn pack(server: &Server, signalled_ns: u64) -> Result<Packed<'_>, String> {
         }
     };
     let summary = format!(
-        "{} connections ({holders} holders, {waiters} waiters), {} bytes of state; at rest in \
-         {at_rest_ms:.1} ms, packed {:.1} ms after the signal",
+        "{} connections ({holders} holders, {waiters} waiters, {}), {} bytes of state; at rest \
+         in {at_rest_ms:.1} ms, packed {:.1} ms after the signal",
         records.len(),
+        others(state.conns.iter().map(|c| &c.phase)),
         bytes.len(),
         ms_since(signalled_ns)
     );
@@ -414,6 +415,19 @@ fn pack(server: &Server, signalled_ns: u64) -> Result<Packed<'_>, String> {
         bag,
         summary,
     })
+}
+
+/// How many connections are not holders or waiters: "1 reading its first request, 2 closing".
+fn others<'a>(phases: impl Iterator<Item = &'a Phase>) -> String {
+    let (mut first, mut closing) = (0, 0);
+    for p in phases {
+        match p {
+            Phase::FirstRequest { .. } => first += 1,
+            Phase::Closing { .. } => closing += 1,
+            Phase::Session { .. } | Phase::HalfClosed { .. } => {}
+        }
+    }
+    format!("{first} reading their first request, {closing} closing")
 }
 
 /// SIGTERM under systemd: everything into the unit's fd store, then exit. Returns only if
@@ -679,6 +693,7 @@ fn take(server: &Arc<Server>, inherited: Inherited) -> Result<Vec<Job>, String> 
         .fetch_add(state.accepted, std::sync::atomic::Ordering::Relaxed);
     let holders: usize = state.table.names.iter().map(|n| n.holders.len()).sum();
     let waiters: usize = state.table.names.iter().map(|n| n.waiters.len()).sum();
+    let phases: Vec<Phase> = streams.iter().map(|(_, _, p, _)| p.clone()).collect();
     let jobs: Vec<Job> = streams
         .into_iter()
         .map(|(id, peer, phase, stream)| {
@@ -694,9 +709,10 @@ fn take(server: &Arc<Server>, inherited: Inherited) -> Result<Vec<Job>, String> 
         })
         .collect();
     info!(
-        "took over {} connections ({holders} holders, {waiters} waiters) from tcpnetlock {}, \
-         {:.1} ms after the previous process was signalled",
+        "took over {} connections ({holders} holders, {waiters} waiters, {}) from tcpnetlock \
+         {}, {:.1} ms after the previous process was signalled",
         jobs.len(),
+        others(phases.iter()),
         state.server_version,
         ms_since(state.signalled_ns)
     );
