@@ -136,7 +136,7 @@ fn sigusr2_hands_every_connection_to_the_new_program_byte_for_byte() {
     assert_eq!(r1.ask("lock,name:rw,shared:1"), "ok");
     let mut r2 = Client::connect(addr);
     assert_eq!(r2.ask("lock,name:rw,shared:1"), "ok");
-    let (mut hc, r) = try_lock(addr, "half");
+    let (hc, r) = try_lock(addr, "half");
     assert_eq!(r, "ok");
     hc.half_close();
     let bigs: Vec<(String, Client)> = (0..6)
