@@ -56,10 +56,18 @@ struct Workers<J, R> {
 }
 
 struct Member {
-    thread: libc::pthread_t,
+    thread: Thread,
     busy: bool,
     resting: bool,
 }
+
+/// A worker's thread handle. musl's `pthread_t` is a pointer, so not `Send` by itself.
+struct Thread(libc::pthread_t);
+
+// SAFETY: a pthread_t is an opaque handle that names the thread in any thread of the process;
+// it is only passed to pthread_kill, under the pool's lock while the thread is a member (it
+// leaves the list, under that lock, before it ends).
+unsafe impl Send for Thread {}
 
 thread_local! {
     /// The calling worker's number in its pool (a thread serves one pool).
@@ -192,19 +200,10 @@ impl<J: Send + 'static, R: Send + 'static> Pool<J, R> {
             if Instant::now() >= deadline {
                 return false;
             }
-            let threads: Vec<libc::pthread_t> = state
-                .members
-                .values()
-                .filter(|m| m.busy && !m.resting)
-                .map(|m| m.thread)
-                .collect();
-            drop(state);
-            for t in threads {
-                wake(t);
-            }
-            state = self.shared.lock();
-            if state.all_resting() {
-                return true;
+            // Under the lock, so that no thread ends meanwhile (members leave the list under
+            // it): a pthread_t of a thread that ended must not be used.
+            for m in state.members.values().filter(|m| m.busy && !m.resting) {
+                wake(m.thread.0);
             }
             state = self
                 .shared
@@ -259,7 +258,7 @@ impl<J, R> Shared<J, R> {
             me,
             Member {
                 // SAFETY: pthread_self has no preconditions.
-                thread: unsafe { libc::pthread_self() },
+                thread: Thread(unsafe { libc::pthread_self() }),
                 busy: true,
                 resting: false,
             },

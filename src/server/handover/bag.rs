@@ -68,7 +68,8 @@ pub fn unpack(bag: &OwnedFd) -> io::Result<Vec<OwnedFd>> {
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
         msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = space as usize;
+        // The field's type differs between libcs (size_t in glibc, socklen_t in musl).
+        msg.msg_controllen = space as _;
         // SAFETY: msg points at live buffers for the duration of the call.
         let n = unsafe {
             libc::recvmsg(
@@ -91,7 +92,7 @@ pub fn unpack(bag: &OwnedFd) -> io::Result<Vec<OwnedFd>> {
             let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
             while !cmsg.is_null() {
                 if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                    let bytes = (*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize;
+                    let bytes = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
                     let data = libc::CMSG_DATA(cmsg) as *const RawFd;
                     for i in 0..bytes / size_of::<RawFd>() {
                         out.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));

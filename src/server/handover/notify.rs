@@ -113,14 +113,15 @@ pub(super) fn send_with_fds(
     msg.msg_iovlen = 1;
     if !fds.is_empty() {
         msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = space as usize;
+        // The field's type differs between libcs (size_t in glibc, socklen_t in musl).
+        msg.msg_controllen = space as _;
         // SAFETY: the control buffer has room for one header and `fds` (CMSG_SPACE above);
         // CMSG_FIRSTHDR and CMSG_DATA point inside it.
         unsafe {
             let cmsg = libc::CMSG_FIRSTHDR(&msg);
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as usize;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as _;
             std::ptr::copy_nonoverlapping(
                 fds.as_ptr() as *const u8,
                 libc::CMSG_DATA(cmsg),
