@@ -14,6 +14,8 @@ version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 deb=dist/tcpnetlock_${version}-1_amd64.deb
 rpm=dist/tcpnetlock-${version}-1.x86_64.rpm
 fail() { echo "packages: FAIL: $*" >&2; exit 1; }
+# A restart (or reload) of the socket unit in a maintainer script: the listening socket would close.
+restarts_socket='(^|[[:space:]])(try-|condrestart|reload-or-)?(restart|reload)[[:space:]]+[^|;&]*tcpnetlock\.socket'
 pass() { echo "packages: ok: $*"; }
 
 # --- the static binary -------------------------------------------------------------------------
@@ -90,7 +92,7 @@ grep -q "deb-systemd-helper enable tcpnetlock.socket" "$scripts/postinst" || fai
 grep -q "deb-systemd-invoke start tcpnetlock.socket" "$scripts/postinst" || fail "postinst does not start the socket"
 grep -q "deb-systemd-invoke try-restart tcpnetlock.service" "$scripts/postinst" \
     || fail "postinst does not restart the service on upgrade (the hand-over)"
-grep -nE "(restart|reload).*tcpnetlock\.socket" "$scripts"/* \
+grep -nE "$restarts_socket" "$scripts"/* \
     && fail "a maintainer script restarts the socket (new clients would be refused meanwhile)"
 grep -q "deb-systemd-invoke stop tcpnetlock.socket tcpnetlock.service" "$scripts/prerm" || fail "prerm does not stop"
 grep -q "deb-systemd-helper purge tcpnetlock.socket" "$scripts/postrm" || fail "postrm does not purge"
@@ -148,7 +150,7 @@ grep -q "systemctl --no-reload preset tcpnetlock.socket" <<<"$rscripts" || fail 
 grep -q "disable --now tcpnetlock.socket tcpnetlock.service" <<<"$rscripts" || fail ".rpm %preun does not stop"
 grep -q "try-restart tcpnetlock.service" <<<"$rscripts" \
     || fail ".rpm %postun does not restart the service on upgrade (the hand-over)"
-grep -nE "(restart|reload).*tcpnetlock\.socket" <<<"$rscripts" \
+grep -nE "$restarts_socket" <<<"$rscripts" \
     && fail ".rpm: a scriptlet restarts the socket (new clients would be refused meanwhile)"
 rpm -qp --qf '[%{FILEMODES:perms} %{FILENAMES}\n]' "$rpm" | grep -qx -- "-rwxr-xr-x /usr/bin/tcpnetlock" \
     || fail ".rpm binary mode"
