@@ -652,7 +652,10 @@ fn report(
         .cloned()
         .chain(r.handover.iter().flat_map(|h| {
             let errors = h.all.first_error.as_ref().map(|e| {
-                format!("tcpnetlock, hand-over: {} requests failed, first: {e}", h.all.errors)
+                format!(
+                    "tcpnetlock, hand-over: {} requests failed, first: {e}",
+                    h.all.errors
+                )
             });
             h.problems
                 .iter()
@@ -1109,8 +1112,8 @@ fn handover_section(r: &Results) -> String {
         "\n### Hand-over to the next process\n\n{} locks held on their own connections; lock \
          requests on fresh connections due one a millisecond (50 client threads, each request \
          timed from when it was due); SIGUSR2 ({} times, 1 s apart): the server re-executes its \
-         file and the new program takes every connection over. \"Met the hand-over\": due \
-         between a signal and the first answer to a request due after it.\n\n",
+         file and the new program takes every connection over. \"Met the hand-over\": waiting \
+         at some point of the longest time without any answer around a signal.\n\n",
         thousands(handover::HOLDERS as f64),
         h.gaps.len()
     );

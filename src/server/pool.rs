@@ -13,11 +13,14 @@
 //! thread, to wake the busy ones with a signal ([`Pool::quiesce`]), and parks the jobs that say
 //! they are at rest ([`Pool::rest`]) until the process ends or the hand-over is called off
 //! ([`Pool::resume`]). Parked jobs block rather than return: thousands of threads unwinding one by
-//! one would lengthen the hand-over by hundreds of milliseconds.
+//! one would lengthen the hand-over by hundreds of milliseconds. For the same reason a job comes
+//! to rest without the pool's lock (atomics, its own flag, `thread::park`): a thousand threads
+//! woken at once and queueing for one lock took 50 to 80 ms on 2 CPUs, instead of under 10.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -27,18 +30,20 @@ pub struct Pool<J, R = ()> {
 }
 
 struct Shared<J, R> {
-    state: Mutex<Workers<J, R>>,
+    state: Mutex<Workers<J>>,
     wake: Condvar,
-    /// Signalled when the last busy worker comes to rest.
-    rested: Condvar,
-    /// Signalled when resting workers may go on.
-    resumed: Condvar,
+    /// Workers parked in [`Pool::rest`].
+    resting: AtomicUsize,
+    /// Moves on each [`Pool::resume`]: workers parked before it go on.
+    epoch: AtomicU64,
+    /// What the resting jobs handed over, with the epoch they rested in.
+    records: Mutex<Vec<(u64, R)>>,
     run: Box<dyn Fn(J) + Send + Sync>,
     idle_timeout: Duration,
     stack_size: usize,
 }
 
-struct Workers<J, R> {
+struct Workers<J> {
     queue: VecDeque<J>,
     /// Workers waiting for a job. A job is queued only when an idle worker is sure to take it;
     /// otherwise a new worker is started with the job in hand.
@@ -47,31 +52,31 @@ struct Workers<J, R> {
     /// Every worker by its number, for [`Pool::quiesce`] to wake the busy ones.
     members: HashMap<u64, Member>,
     next_member: u64,
-    /// Workers parked in [`Pool::rest`].
-    resting: usize,
-    /// Moves on each [`Pool::resume`]: workers parked before it go on.
-    epoch: u64,
-    /// What the resting jobs handed over.
-    records: Vec<R>,
+    /// A hand-over is bringing the workers to rest: idle ones do not end meanwhile, so that the
+    /// threads signalled stay alive.
+    quiescing: bool,
 }
 
 struct Member {
     thread: Thread,
+    handle: thread::Thread,
     busy: bool,
-    resting: bool,
+    /// Set by the worker while it rests.
+    resting: Arc<AtomicBool>,
 }
 
 /// A worker's thread handle. musl's `pthread_t` is a pointer, so not `Send` by itself.
 struct Thread(libc::pthread_t);
 
 // SAFETY: a pthread_t is an opaque handle that names the thread in any thread of the process;
-// it is only passed to pthread_kill, under the pool's lock while the thread is a member (it
-// leaves the list, under that lock, before it ends).
+// it is only passed to pthread_kill, for a member while no member can end (`quiescing`).
 unsafe impl Send for Thread {}
 
 thread_local! {
     /// The calling worker's number in its pool (a thread serves one pool).
     static MEMBER: Cell<Option<u64>> = const { Cell::new(None) };
+    /// The calling worker's resting flag (its member's).
+    static RESTING: RefCell<Option<Arc<AtomicBool>>> = const { RefCell::new(None) };
 }
 
 impl<J: Send + 'static, R: Send + 'static> Pool<J, R> {
@@ -88,13 +93,12 @@ impl<J: Send + 'static, R: Send + 'static> Pool<J, R> {
                     threads: 0,
                     members: HashMap::new(),
                     next_member: 0,
-                    resting: 0,
-                    epoch: 0,
-                    records: Vec::new(),
+                    quiescing: false,
                 }),
                 wake: Condvar::new(),
-                rested: Condvar::new(),
-                resumed: Condvar::new(),
+                resting: AtomicUsize::new(0),
+                epoch: AtomicU64::new(0),
+                records: Mutex::new(Vec::new()),
                 run: Box::new(run),
                 idle_timeout,
                 stack_size,
@@ -151,91 +155,115 @@ impl<J: Send + 'static, R: Send + 'static> Pool<J, R> {
 
     /// Called by a job, on its worker: hands over `record` (what the job owns) and parks until
     /// [`Pool::resume`]; the job then goes on where it was (the hand-over was called off).
-    /// Returns at once if `resting` no longer holds, checked under the pool's lock: the caller
-    /// of [`Pool::resume`] makes it false first, so a job never parks after the last resume.
+    /// Returns at once if `resting` no longer holds: the caller of [`Pool::resume`] makes it
+    /// false before moving the epoch, so a job that parks after the last resume finds the epoch
+    /// it read moved, and goes on.
     pub fn rest(&self, record: Option<R>, resting: impl Fn() -> bool) {
-        let Some(me) = MEMBER.get() else { return };
-        let mut state = self.shared.lock();
+        let Some(flag) = RESTING.with_borrow(|f| f.clone()) else {
+            return;
+        };
+        let shared = &self.shared;
+        let epoch = shared.epoch.load(Ordering::SeqCst);
         if !resting() {
             return;
         }
-        state.records.extend(record);
-        if let Some(m) = state.members.get_mut(&me) {
-            m.resting = true;
+        if let Some(record) = record {
+            shared
+                .records
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((epoch, record));
         }
-        state.resting += 1;
-        // Only the last one wakes the caller of quiesce: a thousand wake-ups of it would cost
-        // more than the rest of the hand-over.
-        if state.all_resting() {
-            self.shared.rested.notify_all();
+        flag.store(true, Ordering::SeqCst);
+        shared.resting.fetch_add(1, Ordering::SeqCst);
+        while shared.epoch.load(Ordering::SeqCst) == epoch {
+            thread::park();
         }
-        let epoch = state.epoch;
-        while state.epoch == epoch {
-            state = self
-                .shared
-                .resumed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        state.resting -= 1;
-        if let Some(m) = state.members.get_mut(&me) {
-            m.resting = false;
-        }
+        shared.resting.fetch_sub(1, Ordering::SeqCst);
+        flag.store(false, Ordering::SeqCst);
     }
 
     /// Brings every busy worker to rest: `wake` is called for each busy worker's thread not at
-    /// rest yet, again every `every` until all are, since a job may miss the first call (it was
-    /// about to block when it came). False if some were not at rest by `deadline`.
+    /// rest yet, again every `every` until all are, since a job may miss a call (it was about to
+    /// block when it came). False if some were not at rest by `deadline`; the caller then calls
+    /// [`Pool::resume`].
     pub fn quiesce(
         &self,
         every: Duration,
         deadline: Instant,
         wake: impl Fn(libc::pthread_t),
     ) -> bool {
-        let mut state = self.shared.lock();
+        self.shared.lock().quiescing = true;
+        let mut woken: Option<Instant> = None;
         loop {
-            if state.all_resting() {
+            let state = self.shared.lock();
+            // Only busy workers rest, and none can stop resting before a resume, so this is
+            // exact while the lock keeps the busy ones busy.
+            let busy = state.threads - state.idle;
+            if self.shared.resting.load(Ordering::SeqCst) == busy && state.queue.is_empty() {
                 return true;
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return false;
             }
-            // Under the lock, so that no thread ends meanwhile (members leave the list under
-            // it): a pthread_t of a thread that ended must not be used.
-            for m in state.members.values().filter(|m| m.busy && !m.resting) {
-                wake(m.thread.0);
+            let due: Vec<libc::pthread_t> = if woken.is_none_or(|t| now - t >= every) {
+                woken = Some(now);
+                state
+                    .members
+                    .values()
+                    .filter(|m| m.busy && !m.resting.load(Ordering::SeqCst))
+                    .map(|m| m.thread.0)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            // Outside the lock: the woken threads do not need it to rest, and no member ends
+            // while `quiescing`.
+            drop(state);
+            for t in due {
+                wake(t);
             }
-            state = self
-                .shared
-                .rested
-                .wait_timeout(state, every)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            thread::sleep(Duration::from_micros(200));
         }
     }
 
     /// Takes what the resting jobs handed over (call it once [`Pool::quiesce`] said all rest).
     pub fn take_records(&self) -> Vec<R> {
-        std::mem::take(&mut self.shared.lock().records)
+        let epoch = self.shared.epoch.load(Ordering::SeqCst);
+        let mut records = self
+            .shared
+            .records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        std::mem::take(&mut *records)
+            .into_iter()
+            .filter(|(e, _)| *e == epoch)
+            .map(|(_, r)| r)
+            .collect()
     }
 
     /// Lets the workers parked in [`Pool::rest`] go on; what they handed over is dropped.
     pub fn resume(&self) {
         let mut state = self.shared.lock();
-        state.epoch += 1;
-        let records = std::mem::take(&mut state.records);
+        state.quiescing = false;
+        self.shared.epoch.fetch_add(1, Ordering::SeqCst);
+        let records = std::mem::take(
+            &mut *self
+                .shared
+                .records
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for m in state.members.values() {
+            m.handle.unpark();
+        }
         drop(state);
-        self.shared.resumed.notify_all();
         drop(records);
     }
 }
 
-impl<J, R> Workers<J, R> {
-    /// Every busy worker is at rest, and no job waits for one.
-    fn all_resting(&self) -> bool {
-        self.resting == self.threads - self.idle && self.queue.is_empty()
-    }
-
+impl<J> Workers<J> {
     fn set_busy(&mut self, member: Option<u64>, busy: bool) {
         if let Some(m) = member.and_then(|m| self.members.get_mut(&m)) {
             m.busy = busy;
@@ -244,7 +272,7 @@ impl<J, R> Workers<J, R> {
 }
 
 impl<J, R> Shared<J, R> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Workers<J, R>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Workers<J>> {
         // Jobs run outside this lock, so a poisoned state is still consistent.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -254,16 +282,19 @@ impl<J, R> Shared<J, R> {
         let mut state = self.lock();
         let me = state.next_member;
         state.next_member += 1;
+        let resting = Arc::new(AtomicBool::new(false));
         state.members.insert(
             me,
             Member {
                 // SAFETY: pthread_self has no preconditions.
                 thread: Thread(unsafe { libc::pthread_self() }),
+                handle: thread::current(),
                 busy: true,
-                resting: false,
+                resting: Arc::clone(&resting),
             },
         );
         MEMBER.set(Some(me));
+        RESTING.set(Some(resting));
     }
 
     fn work(&self, mut job: J) {
@@ -294,7 +325,7 @@ impl<J, R> Shared<J, R> {
                 .wait_timeout(state, self.idle_timeout)
                 .unwrap_or_else(PoisonError::into_inner);
             state = s;
-            if timeout.timed_out() && state.queue.is_empty() {
+            if timeout.timed_out() && state.queue.is_empty() && !state.quiescing {
                 state.idle -= 1;
                 state.threads -= 1;
                 if let Some(me) = me {
