@@ -195,6 +195,11 @@ pub fn stopping() {
     send(&[NotifyState::Stopping]);
 }
 
+/// STOPPING=1 with a STATUS= line saying why.
+pub fn stopping_with(status: &str) {
+    send(&[NotifyState::Stopping, NotifyState::Status(status)]);
+}
+
 /// A re-exec starts: systemd shows the unit reloading until READY=1 (from the new program, or
 /// [`ready_again`] if it did not happen).
 pub fn reloading() {

@@ -434,9 +434,11 @@ fn others<'a>(phases: impl Iterator<Item = &'a Phase>) -> String {
 /// nothing was stored; the caller then stops as without a hand-over.
 pub fn to_systemd(server: &Server, signalled_ns: u64) {
     info!(
-        "SIGTERM: handing every connection to the next process through systemd's fd store \
-         (on a stop rather than a restart, systemd closes them)"
+        "stopping on SIGTERM: handing every connection to the next process through systemd's \
+         fd store (on a restart it passes them on; on a stop it closes them) ({})",
+        server.status_line()
     );
+    super::lifecycle::stopping_with("stopping on SIGTERM: handing every connection over");
     let packed = match pack(server, signalled_ns) {
         Ok(p) => p,
         Err(why) => {
@@ -461,7 +463,6 @@ pub fn to_systemd(server: &Server, signalled_ns: u64) {
         ),
         Err(e) => warn!("cannot store the hand-over in systemd's fd store ({e}); exiting"),
     }
-    super::lifecycle::stopping();
     log::logger().flush();
     std::process::exit(0);
 }
