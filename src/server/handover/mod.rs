@@ -96,6 +96,9 @@ struct Start {
 
 static START: OnceLock<Start> = OnceLock::new();
 
+/// When this program started (CLOCK_MONOTONIC, ns), to log how a hand-over's time was spent.
+static STARTED_NS: OnceLock<u64> = OnceLock::new();
+
 /// Records the program's path and arguments for a later re-exec. Call it at start: an upgrade
 /// renames a new file over the path, and `/proc/self/exe` then names the old, deleted one.
 pub fn remember_start() {
@@ -164,6 +167,7 @@ impl Inherited {
     /// # Safety
     /// Changes the environment: call it before any thread starts.
     pub unsafe fn from_exec() -> Result<Inherited, String> {
+        STARTED_NS.get_or_init(monotonic_ns);
         let Some(value) = std::env::var_os(ENV) else {
             return Ok(Inherited::default());
         };
@@ -241,35 +245,39 @@ impl Inherited {
 /// A connection taken over, to be served by a pool worker from where it was.
 pub(super) struct Resumed {
     server: Arc<Server>,
-    stream: Option<TcpStream>,
-    link: Option<Arc<Link>>,
+    socket: Socket,
     id: ConnId,
     peer: SocketAddr,
     phase: Phase,
     open: super::accept::OpenGuard,
 }
 
+/// How a connection taken over is reached: a holder's or waiter's through the link the table
+/// holds, the others' directly.
+enum Socket {
+    Stream(TcpStream),
+    Link(Arc<Link>),
+}
+
 impl Resumed {
     pub(super) fn run(self) {
         let Resumed {
             server,
-            stream,
-            link,
+            socket,
             id,
             peer,
             phase,
             open,
         } = self;
         let max_line = server.config.max_line;
-        match (phase, stream, link) {
+        match (phase, socket) {
             (
                 Phase::FirstRequest {
                     left,
                     limited,
                     unparsed,
                 },
-                Some(stream),
-                _,
+                Socket::Stream(stream),
             ) => {
                 let conn = Conn {
                     stream,
@@ -279,34 +287,29 @@ impl Resumed {
                     limited,
                     _open: open,
                 };
-                conn::serve_from(
-                    conn,
-                    Requests::resume(max_line, &unparsed),
-                    Instant::now() + left,
-                );
+                let reader = Requests::resume(max_line, &unparsed);
+                conn::serve_from(conn, reader, Instant::now() + left);
             }
             (
                 Phase::Session {
                     unparsed, unsent, ..
                 },
-                _,
-                Some(link),
+                Socket::Link(link),
             ) => {
                 let session = Session::resumed(&server, link, id, peer);
                 session.run(&mut Requests::resume(max_line, &unparsed), unsent);
                 drop(open);
             }
-            (Phase::HalfClosed { .. }, _, Some(link)) => {
-                let session = Session::resumed(&server, link, id, peer);
-                session.watch_half_closed();
-                drop(session);
+            (Phase::HalfClosed { .. }, Socket::Link(link)) => {
+                // Watched until gone; then the session's end gives its place back.
+                Session::resumed(&server, link, id, peer).watch_half_closed();
                 drop(open);
             }
-            (Phase::Closing { unsent }, Some(stream), _) => {
+            (Phase::Closing { unsent }, Socket::Stream(stream)) => {
                 conn::finish_resumed(&server, &stream, id, peer, &unsent);
                 drop(open);
             }
-            // Built by take_over with the stream or the link its phase needs.
+            // take() pairs each phase with the socket it needs.
             _ => {}
         }
     }
@@ -655,7 +658,7 @@ fn take(server: &Arc<Server>, inherited: Inherited) -> Result<Vec<Job>, String> 
     let at = Instant::now()
         .checked_sub(since_export)
         .unwrap_or_else(Instant::now);
-    let mut streams = Vec::with_capacity(state.conns.len());
+    let mut taken = Vec::with_capacity(state.conns.len());
     let mut links = HashMap::new();
     for c in state.conns {
         let fd = by_inode.remove(&c.inode).ok_or_else(|| {
@@ -665,15 +668,15 @@ fn take(server: &Arc<Server>, inherited: Inherited) -> Result<Vec<Job>, String> 
             )
         })?;
         let stream = TcpStream::from(fd);
-        let stream = match &c.phase {
-            // Served through the link the table holds.
+        let socket = match &c.phase {
             Phase::Session { name, fencing, .. } | Phase::HalfClosed { name, fencing } => {
-                links.insert(c.id, Arc::new(Link::new(stream, name, *fencing)));
-                None
+                let link = Arc::new(Link::new(stream, name, *fencing));
+                links.insert(c.id, Arc::clone(&link));
+                Socket::Link(link)
             }
-            Phase::FirstRequest { .. } | Phase::Closing { .. } => Some(stream),
+            Phase::FirstRequest { .. } | Phase::Closing { .. } => Socket::Stream(stream),
         };
-        streams.push((c.id, c.peer, c.phase, stream));
+        taken.push((c.id, c.peer, c.phase, socket));
     }
     if !by_inode.is_empty() {
         warn!(
@@ -694,14 +697,13 @@ fn take(server: &Arc<Server>, inherited: Inherited) -> Result<Vec<Job>, String> 
         .fetch_add(state.accepted, std::sync::atomic::Ordering::Relaxed);
     let holders: usize = state.table.names.iter().map(|n| n.holders.len()).sum();
     let waiters: usize = state.table.names.iter().map(|n| n.waiters.len()).sum();
-    let phases: Vec<Phase> = streams.iter().map(|(_, _, p, _)| p.clone()).collect();
-    let jobs: Vec<Job> = streams
+    let others = others(taken.iter().map(|(_, _, p, _)| p));
+    let jobs: Vec<Job> = taken
         .into_iter()
-        .map(|(id, peer, phase, stream)| {
+        .map(|(id, peer, phase, socket)| {
             Job::Resume(Resumed {
                 server: Arc::clone(server),
-                link: links.get(&id).cloned(),
-                stream,
+                socket,
                 id,
                 peer,
                 phase,
@@ -709,11 +711,17 @@ fn take(server: &Arc<Server>, inherited: Inherited) -> Result<Vec<Job>, String> 
             })
         })
         .collect();
+    let started = STARTED_NS.get().map_or(String::new(), |&ns| {
+        format!(
+            "this program started at {:.1} ms, ",
+            ns.saturating_sub(state.signalled_ns) as f64 / 1e6
+        )
+    });
     info!(
         "took over {} connections ({holders} holders, {waiters} waiters, {}) from tcpnetlock \
-         {}, {:.1} ms after the previous process was signalled",
+         {}; since the previous process was signalled: {started}took over at {:.1} ms",
         jobs.len(),
-        others(phases.iter()),
+        others,
         state.server_version,
         ms_since(state.signalled_ns)
     );
