@@ -634,6 +634,7 @@ pub fn take_over(server: &Arc<Server>, inherited: Inherited) -> TakenOver {
 }
 
 fn take(server: &Arc<Server>, inherited: Inherited) -> Result<Vec<Job>, String> {
+    let taking = monotonic_ns();
     let Inherited { state, bags, .. } = inherited;
     let mut fds = Vec::new();
     for b in &bags {
@@ -719,11 +720,13 @@ fn take(server: &Arc<Server>, inherited: Inherited) -> Result<Vec<Job>, String> 
     });
     info!(
         "took over {} connections ({holders} holders, {waiters} waiters, {}) from tcpnetlock \
-         {}; since the previous process was signalled: {started}took over at {:.1} ms",
+         {}; since the previous process was signalled: {started}took over at {:.1} ms (taking \
+         them: {:.1} ms)",
         jobs.len(),
         others,
         state.server_version,
-        ms_since(state.signalled_ns)
+        ms_since(state.signalled_ns),
+        ms_since(taking)
     );
     debug!("hand-over state: {} bytes", bytes.len());
     Ok(jobs)
