@@ -10,6 +10,13 @@
 //! is dead, its kernel answers data with a reset. The probe is one byte of TCP urgent data, which
 //! the kernel keeps out of the normal stream, so the client program never reads it (a pipeline
 //! such as `nc ... | head -n 1` would otherwise get a byte on its stdout, or a SIGPIPE).
+//!
+//! Every place where a connection's thread blocks is also where a hand-over to the next process
+//! may ask it to rest ([`handover::rest`](super::handover::rest)): waiting for the first request,
+//! for a holder's next request, for a half-closed holder to be gone, for a client to take a reply.
+//! Each says where its connection stands (a [`Phase`]: what it read and not handled, what it must
+//! still write), and the next process goes on from exactly there ([`serve_from`],
+//! [`Session::resumed`]).
 
 use std::io::{self, Write};
 use std::mem::MaybeUninit;

@@ -10,19 +10,19 @@
 //!
 //! - SIGTERM under systemd (systemd's stop, and the first half of a restart): every connection
 //!   and the lock state go to the unit's file descriptor store for the next process
-//!   ([`handover`](super::handover)), then the process exits 0. On a restart the next process
+//!   ([`handover`]), then the process exits 0. On a restart the next process
 //!   takes them over and the clients see nothing; on a stop systemd closes them.
 //! - SIGTERM outside systemd, and SIGINT (Ctrl-C): log why, STOPPING=1, then exit, which closes
 //!   every connection (each client sees end of file; every lock is released with it). Exit status
 //!   0 for SIGTERM, an orderly stop as systemd expects; SIGINT is raised again once the log is
 //!   written, so a shell sees an interrupted process and stops its script too.
 //! - SIGUSR2 (and `systemctl reload`): the server re-executes its own file, perhaps a new
-//!   version, keeping every connection ([`handover`](super::handover)).
+//!   version, keeping every connection ([`handover`]).
 //! - SIGHUP is logged and ignored: there is no configuration file to reload and no log file to
 //!   reopen, and a server started from a terminal must survive that terminal closing.
 //!
 //! One more signal is the workers' own: the hand-over wakes them with it (see
-//! [`handover::rest`](super::handover::rest)); it stays unblocked, with a handler that does
+//! [`handover::rest`]); it stays unblocked, with a handler that does
 //! nothing.
 //!
 //! Outside systemd (no NOTIFY_SOCKET) the sd_notify calls are no-ops.
@@ -141,7 +141,7 @@ pub fn run(server: Arc<Server>) -> ! {
             }
             Some(libc::SIGUSR2) => {
                 // Returns only if the server was not re-executed.
-                handover::reexec(&server, handover::monotonic_ns());
+                handover::by_exec(&server, handover::monotonic_ns());
                 continue;
             }
             Some(libc::SIGTERM) if handover::to_store_on_sigterm(&server) => {

@@ -515,7 +515,7 @@ fn successor_reads(exe: &std::path::Path) -> Result<Vec<u32>, String> {
 
 /// SIGUSR2: re-executes the server's file (perhaps a new version) keeping every connection.
 /// Returns if that did not happen, saying why; the server then serves on as before.
-pub fn reexec(server: &Server, signalled_ns: u64) {
+pub fn by_exec(server: &Server, signalled_ns: u64) {
     let Some(start) = START.get() else {
         warn!("SIGUSR2 ignored: the server's own path is not known");
         return;

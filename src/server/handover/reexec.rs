@@ -47,7 +47,7 @@ fn cstring(bytes: Vec<u8>, what: &str) -> io::Result<CString> {
     })
 }
 
-/// execve(2) of `path` with `args` (argv[0] first) and exactly `env`. Returns only if the exec
+/// execve(2) of `path` with `args` (`argv[0]` first) and exactly `env`. Returns only if the exec
 /// failed; the caller then restores close-on-exec on what it meant to keep and serves on.
 pub fn exec(path: &Path, args: &[OsString], env: &[(OsString, OsString)]) -> io::Error {
     let prepared = (|| -> io::Result<(CString, Vec<CString>, Vec<CString>)> {
