@@ -22,10 +22,18 @@ use common::{BIN, Client, Server, TempDir, try_lock, wait_until};
 
 const LONG: Duration = Duration::from_secs(20);
 
+/// Copies the binary to `to` with cp(1): a copy written by this process would leave, for an
+/// instant, a descriptor open for writing that a child forked meanwhile by another test inherits,
+/// and running the copy then fails with ETXTBSY ("text file busy").
+fn copy_binary(to: &Path) {
+    let status = Command::new("cp").arg(BIN).arg(to).status().unwrap();
+    assert!(status.success(), "cp {BIN} {}: {status}", to.display());
+}
+
 /// A server started from a copy of the binary at `dir/tcpnetlock`.
 fn start_copy(dir: &TempDir, env: &[(&str, &str)], extra: &[&str]) -> (PathBuf, Server) {
     let exe = dir.path.join("tcpnetlock");
-    std::fs::copy(BIN, &exe).unwrap();
+    copy_binary(&exe);
     let mut cmd = Command::new(&exe);
     cmd.args(["server", "--listen", "127.0.0.1:0", "--log", "stderr", "-v"])
         .args(extra)
@@ -100,7 +108,7 @@ fn exe_of(server: &Server) -> String {
 /// keeps the old inode, whose /proc/PID/exe then ends in " (deleted)".
 fn replace_file(exe: &Path) {
     let new = exe.with_extension("new");
-    std::fs::copy(BIN, &new).unwrap();
+    copy_binary(&new);
     std::fs::rename(&new, exe).unwrap();
 }
 
