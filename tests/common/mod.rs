@@ -195,13 +195,6 @@ impl Client {
         matches!(r, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
     }
 
-    /// Everything until the server closes the connection.
-    pub fn read_to_end(&mut self) -> Vec<u8> {
-        let mut all = Vec::new();
-        self.reader.read_to_end(&mut all).expect("read to the end");
-        all
-    }
-
     pub fn half_close(&self) {
         self.stream.shutdown(Shutdown::Write).unwrap();
     }
