@@ -21,6 +21,18 @@ mod server;
 mod table;
 
 fn main() -> std::process::ExitCode {
+    // Asked by a running server before it re-executes this file (SIGUSR2): which hand-over
+    // state versions this build reads. Hidden: not a command for people.
+    if let [_, flag] = &std::env::args_os().collect::<Vec<_>>()[..]
+        && flag == server::handover::VERSIONS_COMMAND
+    {
+        let versions: Vec<String> = server::handover::wire::READS
+            .iter()
+            .map(u32::to_string)
+            .collect();
+        println!("{}", versions.join(" "));
+        return std::process::ExitCode::SUCCESS;
+    }
     #[cfg(feature = "assets")]
     if let [_, flag, dir] = &std::env::args_os().collect::<Vec<_>>()[..]
         && flag == "__assets"

@@ -14,6 +14,8 @@ version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 deb=dist/tcpnetlock_${version}-1_amd64.deb
 rpm=dist/tcpnetlock-${version}-1.x86_64.rpm
 fail() { echo "packages: FAIL: $*" >&2; exit 1; }
+# A restart (or reload) of the socket unit in a maintainer script: the listening socket would close.
+restarts_socket='(^|[[:space:]])(try-|condrestart|reload-or-)?(restart|reload)[[:space:]]+[^|;&]*tcpnetlock\.socket'
 pass() { echo "packages: ok: $*"; }
 
 # --- the static binary -------------------------------------------------------------------------
@@ -88,6 +90,10 @@ scripts=$(mktemp -d)
 dpkg-deb -e "$deb" "$scripts"
 grep -q "deb-systemd-helper enable tcpnetlock.socket" "$scripts/postinst" || fail "postinst does not enable the socket"
 grep -q "deb-systemd-invoke start tcpnetlock.socket" "$scripts/postinst" || fail "postinst does not start the socket"
+grep -q "deb-systemd-invoke try-restart tcpnetlock.service" "$scripts/postinst" \
+    || fail "postinst does not restart the service on upgrade (the hand-over)"
+grep -nE "$restarts_socket" "$scripts"/* \
+    && fail "a maintainer script restarts the socket (new clients would be refused meanwhile)"
 grep -q "deb-systemd-invoke stop tcpnetlock.socket tcpnetlock.service" "$scripts/prerm" || fail "prerm does not stop"
 grep -q "deb-systemd-helper purge tcpnetlock.socket" "$scripts/postrm" || fail "postrm does not purge"
 grep -l "#DEBHELPER#" "$scripts"/* && fail "a maintainer script has an unexpanded #DEBHELPER#"
@@ -142,6 +148,10 @@ rpm -qp --changelog "$rpm" | head -n 1 | grep -q " - $version-1\$" \
 rscripts=$(rpm -qp --scripts "$rpm")
 grep -q "systemctl --no-reload preset tcpnetlock.socket" <<<"$rscripts" || fail ".rpm %post does not preset the socket"
 grep -q "disable --now tcpnetlock.socket tcpnetlock.service" <<<"$rscripts" || fail ".rpm %preun does not stop"
+grep -q "try-restart tcpnetlock.service" <<<"$rscripts" \
+    || fail ".rpm %postun does not restart the service on upgrade (the hand-over)"
+grep -nE "$restarts_socket" <<<"$rscripts" \
+    && fail ".rpm: a scriptlet restarts the socket (new clients would be refused meanwhile)"
 rpm -qp --qf '[%{FILEMODES:perms} %{FILENAMES}\n]' "$rpm" | grep -qx -- "-rwxr-xr-x /usr/bin/tcpnetlock" \
     || fail ".rpm binary mode"
 [ "$(rpm -qp --qf '[%{FILENAMES} -> %{FILELINKTOS}\n]' "$rpm" | grep -c ' -> tcpnetlock$')" = 3 ] \

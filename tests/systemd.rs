@@ -179,8 +179,53 @@ fn keepalive_of_a_systemd_socket_is_kept_unless_flags_say_otherwise() {
 }
 
 #[test]
-fn sigterm_sends_stopping_then_ends_connections_and_exits_0() {
+fn sigterm_hands_every_connection_to_the_fd_store_then_exits_0() {
     let (mut s, sock, _dir) = with_notify_socket(&[]);
+    assert!(recv(&sock).contains("READY=1"));
+    let (mut holder, reply) = common::try_lock(s.addr, "held");
+    assert_eq!(reply, "ok");
+    common::signal(s.child.id() as i32, libc::SIGTERM);
+    // Read as systemd does when the unit stops: the descriptors that come with the messages are
+    // not kept (recv has no room for them, so the kernel closes them).
+    let mut messages = Vec::new();
+    while !messages.iter().any(|m: &String| m.contains("BARRIER=1")) {
+        messages.push(recv(&sock));
+        assert!(messages.len() < 10, "{messages:?}");
+    }
+    let messages: Vec<&str> = messages.iter().map(|m| m.trim_end()).collect();
+    assert_eq!(
+        messages,
+        [
+            "STOPPING=1\nSTATUS=stopping on SIGTERM: handing every connection over",
+            "FDSTORE=1\nFDNAME=tcpnetlock-conns\nFDPOLL=0",
+            "FDSTORE=1\nFDNAME=tcpnetlock-state\nFDPOLL=0",
+            "BARRIER=1",
+        ]
+    );
+    assert!(
+        holder.closed_within(Duration::from_secs(3)),
+        "the holder's connection stayed open"
+    );
+    let exited = common::wait_until(Duration::from_secs(3), || {
+        s.child.try_wait().unwrap().is_some()
+    });
+    assert!(exited.is_some(), "still running");
+    assert_eq!(s.child.wait().unwrap().code(), Some(0), "{}", s.log_text());
+    assert!(
+        common::wait_until(Duration::from_secs(2), || s
+            .log_text()
+            .contains("handed over 1 connections (1 holders"))
+        .is_some(),
+        "{}",
+        s.log_text()
+    );
+}
+
+/// systemd 254 and later say how many descriptors the unit may store (`$FDSTORE`); with none,
+/// SIGTERM stops as without a hand-over.
+#[test]
+fn sigterm_without_an_fd_store_sends_stopping_then_ends_connections_and_exits_0() {
+    let (mut s, sock, _dir) = with_notify_socket(&[("FDSTORE", "0")]);
     assert!(recv(&sock).contains("READY=1"));
     let (mut holder, reply) = common::try_lock(s.addr, "held");
     assert_eq!(reply, "ok");
@@ -205,7 +250,7 @@ fn sigterm_sends_stopping_then_ends_connections_and_exits_0() {
     assert!(
         common::wait_until(Duration::from_secs(2), || s
             .log_text()
-            .contains("stopping on SIGTERM"))
+            .contains("stopping on SIGTERM: closing every connection"))
         .is_some(),
         "{}",
         s.log_text()

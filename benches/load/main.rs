@@ -32,7 +32,9 @@
 //!    15,000 SET NX keys, as a reference), idle memory, and the latency of a new lock meanwhile;
 //! 5. a neighbour's lock latency while 8 clients read a 9,000-lock `.locks` and while 4 churn a
 //!    9,000-holder semaphore ([`neighbours`]), against this build and, with
-//!    `TCPNETLOCK_BENCH_BASELINE_BIN`, an older binary side by side.
+//!    `TCPNETLOCK_BENCH_BASELINE_BIN`, an older binary side by side;
+//! 6. the wait of lock requests while a server holding 1,000 locks hands them over to its next
+//!    process (SIGUSR2, re-exec), five times ([`handover`]).
 //!
 //! It prints the machine, the command, the tables and one verdict per target, and writes them
 //! into docs/BENCHMARKS.md between the `results:begin` and `results:end` markers. A missed
@@ -42,7 +44,7 @@
 //! the other cycle runs take 60% of it), `TCPNETLOCK_BENCH_HOLDERS` (default 15000),
 //! `TCPNETLOCK_BENCH_RUNS` (runs of each fast command, default 500), `TCPNETLOCK_BENCH_PYTHON=0`,
 //! `_REDIS=0`, `_ETCD=0`, `_MUSL=0` skip a peer,
-//! `TCPNETLOCK_BENCH_ONLY=cycles,handoff,commands,held,neighbours` runs only those parts (and
+//! `TCPNETLOCK_BENCH_ONLY=cycles,handoff,commands,held,neighbours,handover` runs only those parts (and
 //! leaves docs/BENCHMARKS.md alone, except that `neighbours` run alone replaces its own section
 //! there), `TCPNETLOCK_BENCH_DOC=0` leaves docs/BENCHMARKS.md alone (the report is printed
 //! anyway), `TCPNETLOCK_BENCH_BASELINE_BIN=PATH` measures the `neighbours` part against that
@@ -57,6 +59,7 @@ mod common;
 mod cycles;
 mod etcd;
 mod handoff;
+mod handover;
 mod line;
 mod neighbours;
 mod net;
@@ -138,7 +141,7 @@ impl Settings {
         }
     }
 
-    /// Whether part `name` (cycles, handoff, commands, held, neighbours) runs.
+    /// Whether part `name` (cycles, handoff, commands, held, neighbours, handover) runs.
     fn part(&self, name: &str) -> bool {
         self.only
             .as_ref()
@@ -190,6 +193,7 @@ struct Results {
     command_notes: Vec<String>,
     /// Each binary measured, and the holders per server.
     neighbours: Option<(Vec<neighbours::Measured>, usize)>,
+    handover: Option<handover::Handover>,
     problems: Vec<String>,
 }
 
@@ -395,6 +399,26 @@ fn run(peers: &Peers, s: &Settings) -> Results {
         neighbours::run(binaries)
     });
 
+    // 6. Hand-overs to the next process, a fresh server.
+    let handover = if s.part("handover") {
+        match rust.start() {
+            Ok(mut server) => {
+                eprintln!(
+                    "bench: tcpnetlock: hand-overs with {} holders on {}",
+                    handover::HOLDERS,
+                    server.addr
+                );
+                Some(handover::run(&mut server))
+            }
+            Err(e) => {
+                problems.push(format!("tcpnetlock, hand-over: {e}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+
     Results {
         rust: rust_runs,
         python: py_runs,
@@ -405,6 +429,7 @@ fn run(peers: &Peers, s: &Settings) -> Results {
         commands,
         command_notes,
         neighbours,
+        handover,
         problems,
     }
 }
@@ -619,11 +644,25 @@ fn report(
             neighbours::section(measured, *holders, None)
         );
     }
+    out.push_str(&handover_section(r));
     out.push_str(&targets_section(r));
     let problems: Vec<String> = r
         .problems
         .iter()
         .cloned()
+        .chain(r.handover.iter().flat_map(|h| {
+            let errors = h.all.first_error.as_ref().map(|e| {
+                format!(
+                    "tcpnetlock, hand-over: {} requests failed, first: {e}",
+                    h.all.errors
+                )
+            });
+            h.problems
+                .iter()
+                .map(|p| format!("tcpnetlock, hand-over: {p}"))
+                .chain(errors)
+                .collect::<Vec<_>>()
+        }))
         .chain(labelled("tcpnetlock", Some(&r.rust)))
         .chain(labelled("tcpnetlock 0.1.8", r.python.as_ref()))
         .chain(labelled("Redis", r.redis.as_ref()))
@@ -1065,6 +1104,47 @@ fn opened_cell(h: &Held, what: &str) -> String {
     s
 }
 
+fn handover_section(r: &Results) -> String {
+    let Some(h) = &r.handover else {
+        return String::new();
+    };
+    let mut out = format!(
+        "\n### Hand-over to the next process\n\n{} locks held on their own connections; lock \
+         requests on fresh connections due one a millisecond (50 client threads, each request \
+         timed from when it was due); SIGUSR2 ({} times, 1 s apart): the server re-executes its \
+         file and the new program takes every connection over. \"Met the hand-over\": waiting \
+         at some point of the longest time without any answer around a signal.\n\n",
+        thousands(handover::HOLDERS as f64),
+        h.gaps.len()
+    );
+    let gaps: Vec<String> = h.gaps.iter().map(|g| format!("{:.0}", g * 1e3)).collect();
+    out.push_str(&md_table(
+        &["requests", "count", "p50 / p99 / max wait"],
+        &[
+            vec![
+                "met the hand-over".into(),
+                h.during.secs.len().to_string(),
+                h.during.ms_cell(),
+            ],
+            vec![
+                "all, the hand-overs included".into(),
+                h.all.secs.len().to_string(),
+                h.all.ms_cell(),
+            ],
+        ],
+    ));
+    let _ = writeln!(
+        out,
+        "\nLongest time without an answer, per hand-over: {} ms. Holders still holding on \
+         their connections afterwards: {} of {}; requests failed: {}.",
+        gaps.join(", "),
+        thousands(h.holders_kept as f64),
+        thousands(handover::HOLDERS as f64),
+        h.all.errors
+    );
+    out
+}
+
 fn targets_section(r: &Results) -> String {
     let mut v = Vec::new();
     for &(row, _, one_name) in &cycles::RUNS {
@@ -1145,6 +1225,29 @@ fn targets_section(r: &Results) -> String {
                 _ => "NOT MEASURED: `tcpnetlock do` against flock".into(),
             },
         );
+    }
+    if let Some(h) = &r.handover {
+        v.push(match (h.during.pct(99.0), h.during.pct(100.0)) {
+            (Some(p99), Some(max)) => format!(
+                "{}: a lock request waits ≤ {:.0} ms (p99) during a hand-over with {} holders \
+                 (SIGUSR2): p99 {:.0} ms, max {:.0} ms over {} requests in {} hand-overs; {} of \
+                 {} holders kept",
+                pass(
+                    p99 * 1e3 <= handover::TARGET_P99_MS
+                        && h.holders_kept == handover::HOLDERS
+                        && h.all.errors == 0
+                ),
+                handover::TARGET_P99_MS,
+                thousands(handover::HOLDERS as f64),
+                p99 * 1e3,
+                max * 1e3,
+                h.during.secs.len(),
+                h.gaps.len(),
+                thousands(h.holders_kept as f64),
+                thousands(handover::HOLDERS as f64)
+            ),
+            _ => "MISSED: the hand-over's pause not measured (see the problems)".into(),
+        });
     }
     let mut out = String::from("\n### Targets\n\n");
     for line in v {

@@ -51,7 +51,7 @@ fuzz_target!(|data: &[u8]| {
     let action = text.split_once(',').map_or(text, |(a, _)| a).trim();
     let want = match action {
         "release" => Ok(HeldRequest::Release),
-        ".keepalive" => Ok(HeldRequest::Keepalive),
+        ".keepalive" => Ok(HeldRequest::Renew),
         _ => Err(Reply::BadAction),
     };
     assert_eq!(held, want);

@@ -5,7 +5,8 @@
 //! waits and ttls from a nanosecond to a week), leaves and requests from holders, waiters,
 //! connections already gone
 //! and stray calls for the wrong name, and a clock that only moves forward (by zero too), the
-//! timer running at once or late (requests handled past a deadline first). After every step the
+//! timer running at once or late (requests handled past a deadline first), and the table handed
+//! to a new process (exported and restored: src/table/export.rs). After every step the
 //! harness checks: decisions and events equal the model's (tokens by order), every token above
 //! the one before, at most `max` holders per name, each connection in at most one place,
 //! `waiting()` and the other counts, counters, the next deadline, the snapshot, and FIFO grants.
@@ -43,7 +44,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
         if u.is_empty() {
             break;
         }
-        let op = match u.int_in_range(0..=7u8)? {
+        let op = match u.int_in_range(0..=8u8)? {
             0..=2 => Op::Lock {
                 name: u.int_in_range(0..=NAMES.len() - 1)?,
                 max: *u.choose(&[1, 1, 2, 3, 65_535])?,
@@ -69,6 +70,10 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
             }
             5 => Op::Advance {
                 advance: advance(u)?,
+            },
+            // The table handed to a new process (server::handover): nothing may change.
+            8 => Op::HandOver {
+                ahead: u.arbitrary()?,
             },
             _ => Op::Tick,
         };

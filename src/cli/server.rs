@@ -11,7 +11,7 @@ use log::{LevelFilter, info, warn};
 use crate::log::Target;
 use crate::server::config::EtcdSettings;
 use crate::server::listen::{self, Keepalive};
-use crate::server::{self, Config, Server, lifecycle};
+use crate::server::{self, Config, Server, handover, lifecycle};
 
 use super::{EXIT_FAILURE, EXIT_USAGE, Fail, parse_secs};
 
@@ -391,10 +391,23 @@ pub fn run(settings: Settings) -> Result<(), Fail> {
             &format!("cannot block the signals that stop the server: {e}"),
         )
     })?;
+    // SAFETY: no other thread runs yet (the log's starts next).
+    let inherited = unsafe { handover::Inherited::from_exec() };
     crate::log::init(log, level).map_err(|e| Fail::new(EXIT_USAGE, &e))?;
     server::fdlimit::raise_fd_limit();
-
-    let (listeners, passed) = listeners(&listen, port)?;
+    handover::remember_start();
+    let mut inherited = inherited.unwrap_or_else(|e| {
+        warn!("{e}: starting without what the previous program handed over");
+        handover::Inherited::default()
+    });
+    let (listeners, passed, kept) = match inherited.listeners.take() {
+        Some((listeners, passed)) if !listeners.is_empty() => (listeners, passed, true),
+        _ => {
+            let (listeners, passed, stored) = listeners(&listen, port)?;
+            inherited.add_stored(stored);
+            (listeners, passed, false)
+        }
+    };
     let addrs: Vec<String> = listeners
         .iter()
         .map(|l| l.local_addr().map_or("?".into(), |a| a.to_string()))
@@ -421,15 +434,19 @@ pub fn run(settings: Settings) -> Result<(), Fail> {
         }
     }
     let server = Server::new(config).map_err(|e| Fail::new(EXIT_USAGE, &e))?;
+    let resumed = handover::take_over(&server, inherited);
     server.start(listeners, passed).map_err(|e| {
         Fail::new(
             EXIT_FAILURE,
             &format!("cannot start the server's threads: {e}"),
         )
     })?;
+    handover::start(&server, resumed);
     // Logged once every thread runs: tests and operators may take this line as "ready".
     for addr in addrs {
-        if passed {
+        if kept {
+            info!("serving {addr} (socket kept across the re-exec)");
+        } else if passed {
             info!("serving {addr} (socket passed by systemd)");
         } else {
             info!("listening on {addr}");
@@ -438,11 +455,15 @@ pub fn run(settings: Settings) -> Result<(), Fail> {
     lifecycle::run(server)
 }
 
-/// The sockets to serve, and whether systemd passed them.
-fn listeners(listen: &[String], port: u16) -> Result<(Vec<TcpListener>, bool), Fail> {
-    let passed = listen::from_systemd().map_err(|e| Fail::new(EXIT_USAGE, &e))?;
+/// The sockets to serve, whether systemd passed them, and what it passed from the unit's fd
+/// store (a previous process's hand-over).
+type Listeners = (Vec<TcpListener>, bool, listen::Stored);
+
+fn listeners(listen: &[String], port: u16) -> Result<Listeners, Fail> {
+    let (passed, stored) = listen::from_systemd(&[handover::FDNAME_STATE, handover::FDNAME_CONNS])
+        .map_err(|e| Fail::new(EXIT_USAGE, &e))?;
     if !passed.is_empty() {
-        return Ok((passed, true));
+        return Ok((passed, true, stored));
     }
     let mut bound = Vec::new();
     for text in listen {
@@ -468,7 +489,7 @@ fn listeners(listen: &[String], port: u16) -> Result<(Vec<TcpListener>, bool), F
             ));
         }
     }
-    Ok((bound, false))
+    Ok((bound, false, stored))
 }
 
 fn bind_failure(addr: &std::net::SocketAddr, e: &std::io::Error) -> Fail {

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 
 use super::conn::{self, Conn};
-use super::{Server, pool};
+use super::handover::rest;
+use super::{Job, Server};
 use crate::metrics::ConnRefusal;
 use crate::table::ConnId;
 use tcpnetlock::protocol::Reply;
@@ -47,10 +48,12 @@ struct AcceptorRole {
 }
 
 impl AcceptorRole {
-    fn hand_over(&mut self, pool: &pool::Pool<Acceptor>) -> io::Result<()> {
+    fn hand_over(&mut self, server: &Server) -> io::Result<()> {
         let next = self.next.take().expect("the role is handed over once");
-        pool.submit(next).map_err(|(next, e)| {
-            self.next = Some(next);
+        server.pool.submit(Job::Accept(next)).map_err(|(job, e)| {
+            if let Job::Accept(next) = job {
+                self.next = Some(next);
+            }
             e
         })
     }
@@ -63,7 +66,7 @@ impl Drop for AcceptorRole {
         {
             // Best effort: if no thread can start, the listener has no acceptor until one can.
             let server = Arc::clone(&next.server);
-            let _ = server.pool.submit(next);
+            let _ = server.pool.submit(Job::Accept(next));
         }
     }
 }
@@ -108,12 +111,18 @@ impl Server {
         };
         let mut last_warning: Option<Instant> = None;
         loop {
-            match listener.accept() {
+            if rest::resting() {
+                // A hand-over: new clients wait in the listening socket's backlog, which the
+                // next process serves (or this one again, if the hand-over is called off).
+                self.pool.rest(None, rest::resting);
+                continue;
+            }
+            match accept(&listener) {
                 Ok((stream, peer)) => {
                     let Some(conn) = self.admit(stream, peer) else {
                         continue;
                     };
-                    match role.hand_over(&self.pool) {
+                    match role.hand_over(&self) {
                         Ok(()) => return conn::serve(conn),
                         Err(e) => {
                             warn!("{peer}: refused: cannot start a worker thread: {e}");
@@ -121,6 +130,8 @@ impl Server {
                         }
                     }
                 }
+                // A signal: perhaps a hand-over's (checked above).
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
                     if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
@@ -181,6 +192,27 @@ impl Server {
         })
     }
 
+    /// Counts a connection taken over from the previous process as open, as [`Server::admit`]
+    /// does; it was admitted there, so no limit applies.
+    pub(super) fn count_taken_over(self: &Arc<Server>, peer: SocketAddr) -> OpenGuard {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        let mut guard = OpenGuard {
+            server: Arc::clone(self),
+            peer: None,
+        };
+        if self.config.max_connections_per_peer.is_some() {
+            let ip = peer.ip().to_canonical();
+            *self
+                .per_peer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(ip)
+                .or_insert(0) += 1;
+            guard.peer = Some(ip);
+        }
+        guard
+    }
+
     /// Out of descriptors: free the spare one, accept the waiting client, tell it, close it, and
     /// take the spare back. The pause keeps a flood from turning this into a busy loop.
     fn refuse_without_fds(&self, listener: &TcpListener) {
@@ -206,6 +238,16 @@ impl Server {
         let _ = stream.write_all(&Reply::err(refusal_text(why)).to_line());
         let _ = stream.shutdown(Shutdown::Write);
     }
+}
+
+/// `TcpListener::accept`, except that a signal interrupts it (std's retries): what lets a
+/// hand-over bring the acceptor to rest. The same one system call.
+fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+    let (socket, addr) = socket2::SockRef::from(listener).accept4(libc::SOCK_CLOEXEC)?;
+    let peer = addr
+        .as_socket()
+        .ok_or_else(|| io::Error::other("accepted a connection that is not TCP/IP"))?;
+    Ok((socket.into(), peer))
 }
 
 /// The `err,` message of a refused connection.

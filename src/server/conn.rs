@@ -10,6 +10,13 @@
 //! is dead, its kernel answers data with a reset. The probe is one byte of TCP urgent data, which
 //! the kernel keeps out of the normal stream, so the client program never reads it (a pipeline
 //! such as `nc ... | head -n 1` would otherwise get a byte on its stdout, or a SIGPIPE).
+//!
+//! Every place where a connection's thread blocks is also where a hand-over to the next process
+//! may ask it to rest ([`handover::rest`](super::handover::rest)): waiting for the first request,
+//! for a holder's next request, for a half-closed holder to be gone, for a client to take a reply.
+//! Each says where its connection stands (a [`Phase`]: what it read and not handled, what it must
+//! still write), and the next process goes on from exactly there ([`serve_from`],
+//! [`Session::resumed`]).
 
 use std::io::{self, Write};
 use std::mem::MaybeUninit;
@@ -22,6 +29,7 @@ use log::{debug, info, warn};
 
 use super::Server;
 use super::framing::{ReadError, Requests};
+use super::handover::rest::{self, Phase, Record, WriteStop};
 use super::link::Link;
 use super::locks::Unavailable;
 use crate::http::{self, HttpError};
@@ -56,6 +64,21 @@ pub(super) struct Conn {
 }
 
 pub(super) fn serve(conn: Conn) {
+    let timeout = match conn.limited {
+        Some(_) => conn
+            .server
+            .config
+            .request_timeout
+            .min(super::accept::STATUS_ONLY_TIMEOUT),
+        None => conn.server.config.request_timeout,
+    };
+    let reader = Requests::new(conn.server.config.max_line);
+    serve_from(conn, reader, Instant::now() + timeout);
+}
+
+/// Serves a connection from its first request, which must be complete by `deadline`; `reader`
+/// may hold part of it already (a connection taken over from the previous process).
+pub(super) fn serve_from(conn: Conn, mut reader: Requests, deadline: Instant) {
     let Conn {
         stream,
         peer,
@@ -65,28 +88,33 @@ pub(super) fn serve(conn: Conn) {
         _open,
     } = conn;
     let server = &*server;
-    let mut reader = Requests::new(server.config.max_line);
-    let timeout = match limited {
-        Some(_) => server
-            .config
-            .request_timeout
-            .min(super::accept::STATUS_ONLY_TIMEOUT),
-        None => server.config.request_timeout,
+    let first_request = |unparsed: &[u8]| Phase::FirstRequest {
+        left: deadline.saturating_duration_since(Instant::now()),
+        limited,
+        unparsed: unparsed.to_vec(),
     };
-    let deadline = Instant::now() + timeout;
-    let line = match reader.next_line(&stream, Some(deadline)) {
+    let line = reader.next_line(&stream, Some(deadline), |unparsed| {
+        server.rest(Record::new(&stream, id, peer, first_request(unparsed)))
+    });
+    let here = Here {
+        server,
+        stream: &stream,
+        id,
+        peer,
+    };
+    let line = match line {
         Ok(line) => line,
         Err(ReadError::Eof { partial: false }) => return,
         Err(ReadError::Eof { partial: true }) | Err(ReadError::TooLong) => {
             server.metrics.request(RequestKind::Bad);
-            return finish(&stream, &Reply::BadRequest);
+            return here.finish(&Reply::BadRequest);
         }
         Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
             debug!("{peer}: no complete request within the request timeout, closing");
             // Past a limit, the reason it was not served is the limit.
             return match limited {
-                Some(why) => refuse_limited(server, &stream, why),
-                None => finish(&stream, &Reply::err("request timeout")),
+                Some(why) => refuse_limited(here, why),
+                None => here.finish(&Reply::err("request timeout")),
             };
         }
         Err(ReadError::Io(e)) => {
@@ -95,14 +123,15 @@ pub(super) fn serve(conn: Conn) {
         }
     };
     if let Some(version) = http::metrics_request(line) {
-        return serve_metrics(server, &stream, &mut reader, deadline, version, peer);
+        let first = line.to_vec();
+        return serve_metrics(here, &mut reader, deadline, limited, version, first);
     }
     let request = match Request::parse(line, server.config.max_name_len) {
         Ok(r) => r,
         Err(reply) => {
             debug!("{peer}: {reply} for {:?}", String::from_utf8_lossy(line));
             server.metrics.request(RequestKind::Bad);
-            return finish(&stream, &reply);
+            return here.finish(&reply);
         }
     };
     // Counted before the answer goes out: a client that has its answer finds it counted.
@@ -115,56 +144,115 @@ pub(super) fn serve(conn: Conn) {
         Request::Lock(_) => RequestKind::Lock,
     });
     match request {
-        Request::Ping => finish(&stream, &Reply::Pong),
+        Request::Ping => here.finish(&Reply::Pong),
         Request::PingServing => {
             let refusal = server.locks.cluster().and_then(|c| match c.serving {
                 Some(true) => None,
                 _ => Some(c.reason.unwrap_or_else(|| "cannot serve locks".into())),
             });
             match refusal {
-                None => finish(&stream, &Reply::Pong),
-                Some(why) => finish(
-                    &stream,
-                    &Reply::Err(format!("not serving locks: {why}").into()),
-                ),
+                None => here.finish(&Reply::Pong),
+                Some(why) => here.finish(&Reply::Err(format!("not serving locks: {why}").into())),
             }
         }
-        Request::Info => finish(&stream, &Reply::Info(server.info_json())),
-        Request::Stats => finish(&stream, &Reply::Stats(server.stats_json())),
-        Request::Locks => finish(&stream, &Reply::Locks(server.locks_json())),
-        Request::Shutdown => shutdown(server, &stream, peer),
+        Request::Info => here.finish(&Reply::Info(server.info_json())),
+        Request::Stats => here.finish(&Reply::Stats(server.stats_json())),
+        Request::Locks => here.finish(&Reply::Locks(server.locks_json())),
+        Request::Shutdown => shutdown(here),
         Request::Lock(_) if let Some(why) = limited => {
             debug!("{peer}: lock refused: {}", super::accept::refusal_text(why));
-            refuse_limited(server, &stream, why);
+            refuse_limited(here, why);
         }
         Request::Lock(req) => {
             if let Some(session) = Session::start(server, stream, peer, id, &req) {
-                session.run(&mut reader);
+                session.run(&mut reader, Vec::new());
             }
+        }
+    }
+}
+
+/// A connection as its own thread sees it, for the replies that end it.
+#[derive(Clone, Copy)]
+struct Here<'a> {
+    server: &'a Server,
+    stream: &'a TcpStream,
+    id: ConnId,
+    peer: SocketAddr,
+}
+
+impl Here<'_> {
+    /// Writes `bytes`, blocking while the client has no room for them. A hand-over asks this
+    /// thread to rest meanwhile: it rests as `phase(what is left)`, and goes on if the
+    /// hand-over is called off.
+    fn write(&self, bytes: &[u8], phase: impl Fn(Vec<u8>) -> Phase) -> io::Result<()> {
+        let mut written = rest::write_all(self.stream, bytes);
+        loop {
+            match written {
+                Ok(()) => return Ok(()),
+                Err(WriteStop::Failed(e)) => return Err(e),
+                Err(WriteStop::Resting(unsent)) => {
+                    self.rest(phase(unsent.clone()));
+                    written = rest::write_all(self.stream, &unsent);
+                }
+            }
+        }
+    }
+
+    fn rest(&self, phase: Phase) {
+        self.server
+            .rest(Record::new(self.stream, self.id, self.peer, phase));
+    }
+
+    /// Writes the last reply and closes. Bytes the client sent that we never read are drained
+    /// first: closing over unread data makes the kernel send a reset, which can destroy the
+    /// reply before the client reads it.
+    fn finish(&self, reply: &Reply) {
+        self.finish_with(&reply.to_line());
+    }
+
+    /// [`Here::finish`] with the reply's bytes.
+    fn finish_with(&self, bytes: &[u8]) {
+        if self
+            .write(bytes, |unsent| Phase::Closing { unsent })
+            .is_ok()
+        {
+            finish_quietly(self.stream);
         }
     }
 }
 
 /// A connection admitted past a limit asked for a lock, or for nothing in time: it is refused
 /// for that limit.
-fn refuse_limited(server: &Server, stream: &TcpStream, why: ConnRefusal) {
-    server.metrics.connection_refused(why);
-    finish(stream, &Reply::err(super::accept::refusal_text(why)));
+fn refuse_limited(here: Here<'_>, why: ConnRefusal) {
+    here.server.metrics.connection_refused(why);
+    here.finish(&Reply::err(super::accept::refusal_text(why)));
 }
 
 /// `GET /metrics`: the rest of the request head is read under the first line's deadline and
-/// checked, then the metrics are sent and the connection closed (`Connection: close`).
+/// checked, then the metrics are sent and the connection closed (`Connection: close`). The head
+/// read so far is kept (it is small), so that a hand-over can give the next process the request
+/// as it came.
 fn serve_metrics(
-    server: &Server,
-    stream: &TcpStream,
+    here: Here<'_>,
     reader: &mut Requests,
     deadline: Instant,
+    limited: Option<ConnRefusal>,
     version: http::Version,
-    peer: SocketAddr,
+    first: Vec<u8>,
 ) {
+    let Here { server, peer, .. } = here;
     let mut head = http::Head::new(version);
+    let mut read = first;
+    read.push(b'\n');
     let checked = loop {
-        let line = match reader.next_line(stream, Some(deadline)) {
+        let line = reader.next_line(here.stream, Some(deadline), |unparsed| {
+            here.rest(Phase::FirstRequest {
+                left: deadline.saturating_duration_since(Instant::now()),
+                limited,
+                unparsed: [&read[..], unparsed].concat(),
+            })
+        });
+        let line = match line {
             Ok(line) => line,
             // A header line longer than --max-line-length.
             Err(ReadError::TooLong) => break Err(HttpError::TooLarge),
@@ -182,6 +270,8 @@ fn serve_metrics(
                 return;
             }
         };
+        read.extend_from_slice(line);
+        read.push(b'\n');
         match head.line(line) {
             Ok(false) => {}
             Ok(true) => break Ok(()),
@@ -209,16 +299,13 @@ fn serve_metrics(
             http::error_response(&e, now)
         }
     };
-    let mut out = stream;
-    if out.write_all(&response).is_ok() {
-        finish_quietly(stream);
-    }
+    here.finish_with(&response);
 }
 
 /// A connection that holds or waits for a lock. Dropping it takes the connection out of the
 /// table and hands its place on, so every way out — release, disconnect, error, even a panic —
-/// gives the lock back.
-struct Session<'a> {
+/// gives the lock back (except the end of the process after a hand-over, when it never drops).
+pub(super) struct Session<'a> {
     server: &'a Server,
     link: Arc<Link>,
     id: ConnId,
@@ -236,6 +323,12 @@ impl<'a> Session<'a> {
         req: &LockRequest,
     ) -> Option<Session<'a>> {
         let link = Arc::new(Link::new(stream, req.name, req.fencing));
+        let here = Here {
+            server,
+            stream: link.stream(),
+            id,
+            peer,
+        };
         let decision = server.locks.lock(
             req.name,
             table::Claim {
@@ -254,7 +347,7 @@ impl<'a> Session<'a> {
             Ok(decision) => decision,
             Err(Unavailable(why)) => {
                 debug!("{peer}: lock {name} not served: {why}");
-                finish(link.stream(), &Reply::Err(why.into()));
+                here.finish(&Reply::Err(why.into()));
                 return None;
             }
         };
@@ -263,7 +356,7 @@ impl<'a> Session<'a> {
             Decision::Queued => debug!("{peer}: lock {name} queued"),
             Decision::NotGranted => {
                 debug!("{peer}: lock {name} not granted");
-                finish(link.stream(), &Reply::NotGranted);
+                here.finish(&Reply::NotGranted);
                 return None;
             }
             Decision::MaxMismatch { max } => {
@@ -272,7 +365,7 @@ impl<'a> Session<'a> {
                     req.max
                 );
                 let msg = format!("max mismatch: {name} is held with max:{max}");
-                finish(link.stream(), &Reply::Err(msg.into()));
+                here.finish(&Reply::Err(msg.into()));
                 return None;
             }
         }
@@ -285,16 +378,60 @@ impl<'a> Session<'a> {
         })
     }
 
-    fn run(self, reader: &mut Requests) {
+    /// A holder or waiter taken over from the previous process: the table has it already.
+    pub(super) fn resumed(
+        server: &'a Server,
+        link: Arc<Link>,
+        id: ConnId,
+        peer: SocketAddr,
+    ) -> Session<'a> {
+        Session {
+            server,
+            link,
+            id,
+            peer,
+        }
+    }
+
+    fn here(&self) -> Here<'_> {
+        Here {
+            server: self.server,
+            stream: self.link.stream(),
+            id: self.id,
+            peer: self.peer,
+        }
+    }
+
+    /// Where this connection is, for a hand-over.
+    fn phase(&self, unparsed: &[u8], unsent: Vec<u8>) -> Phase {
+        Phase::Session {
+            name: self.link.name.clone(),
+            fencing: self.link.fencing,
+            unparsed: unparsed.to_vec(),
+            unsent,
+        }
+    }
+
+    /// Serves the holder's (or waiter's) requests until it releases or is gone. `unsent`: the
+    /// end of a reply the previous process could not write yet (a connection taken over).
+    pub(super) fn run(self, reader: &mut Requests, unsent: Vec<u8>) {
         let stream = self.link.stream();
+        if !unsent.is_empty() {
+            let phase = |unsent| self.phase(reader.unparsed(), unsent);
+            if self.here().write(&unsent, phase).is_err() {
+                return;
+            }
+        }
         loop {
-            let line = match reader.next_line(stream, None) {
+            let line = reader.next_line(stream, None, |unparsed| {
+                self.here().rest(self.phase(unparsed, Vec::new()))
+            });
+            let line = match line {
                 Ok(line) => line,
                 Err(ReadError::TooLong) => {
                     // Closed by the server: to the holder, as if its connection had ended.
                     self.leave(Release::Disconnect);
-                    let _ = self.link.reply(&Reply::BadRequest);
-                    return finish_quietly(stream);
+                    return self.last_reply(&Reply::BadRequest);
                 }
                 Err(ReadError::Eof { .. }) => {
                     // Either the client half-closed, or another thread hung up on it after an
@@ -323,16 +460,36 @@ impl<'a> Session<'a> {
                     // Free the lock before saying so: a client that reads `released` and
                     // tells another to go ahead must find the lock free.
                     self.leave(Release::Release);
-                    if self.link.reply(&Reply::Released).is_ok() {
-                        finish_quietly(stream);
-                    }
-                    return;
+                    return self.last_reply(&Reply::Released);
                 }
                 Ok(HeldRequest::Renew) => Reply::Alive,
                 Err(reply) => reply,
             };
-            if self.link.reply(&reply).is_err() {
-                return;
+            match self.link.reply(&reply) {
+                Ok(()) => {}
+                Err(WriteStop::Failed(_)) => return,
+                Err(WriteStop::Resting(unsent)) => {
+                    let phase = |unsent| self.phase(reader.unparsed(), unsent);
+                    self.here().rest(phase(unsent.clone()));
+                    if self.here().write(&unsent, phase).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The last reply, once out of the table, then the connection is finished.
+    fn last_reply(&self, reply: &Reply) {
+        match self.link.reply(reply) {
+            Ok(()) => finish_quietly(self.link.stream()),
+            Err(WriteStop::Failed(_)) => {}
+            Err(WriteStop::Resting(unsent)) => {
+                let here = self.here();
+                here.rest(Phase::Closing {
+                    unsent: unsent.clone(),
+                });
+                here.finish_with(&unsent);
             }
         }
     }
@@ -362,18 +519,42 @@ impl<'a> Session<'a> {
 
     /// The client shut down its sending side. It can no longer release, so it holds (or waits)
     /// until it is gone, or until the table lets it go (lease, wait timeout).
-    fn watch_half_closed(&self) {
+    pub(super) fn watch_half_closed(&self) {
         debug!(
             "{}: lock {}: half-closed; probing",
             self.peer, self.link.name
         );
         let stream = self.link.stream();
         let socket = socket2::SockRef::from(stream);
+        let rest = || {
+            self.here().rest(Phase::HalfClosed {
+                name: self.link.name.clone(),
+                fencing: self.link.fencing,
+            })
+        };
         loop {
             // A `\n`, so that a middlebox which clears the urgent flag turns it into a blank
             // line.
-            if socket.send_out_of_band(b"\n").is_err() || peer_reset_within(stream, PROBE_INTERVAL)
-            {
+            let gone = match socket.send_out_of_band(b"\n") {
+                Ok(_) => match peer_reset_within(stream, PROBE_INTERVAL) {
+                    Watch::Reset => true,
+                    Watch::Quiet => false,
+                    Watch::Interrupted => {
+                        if rest::resting() {
+                            rest();
+                        }
+                        false
+                    }
+                },
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    if rest::resting() {
+                        rest();
+                    }
+                    false
+                }
+                Err(_) => true,
+            };
+            if gone {
                 debug!(
                     "{}: lock {}: half-closed client is gone",
                     self.peer, self.link.name
@@ -390,9 +571,17 @@ impl Drop for Session<'_> {
     }
 }
 
+/// What [`peer_reset_within`] saw.
+enum Watch {
+    Reset,
+    Quiet,
+    /// A signal came first (perhaps a hand-over's).
+    Interrupted,
+}
+
 /// Blocks until the socket reports an error or a hang-up, or `timeout` passes. On a half-closed
 /// socket reads are always ready (end of file), so this polls for nothing but errors.
-fn peer_reset_within(stream: &TcpStream, timeout: Duration) -> bool {
+fn peer_reset_within(stream: &TcpStream, timeout: Duration) -> Watch {
     let mut pfd = libc::pollfd {
         fd: stream.as_raw_fd(),
         events: 0,
@@ -401,20 +590,30 @@ fn peer_reset_within(stream: &TcpStream, timeout: Duration) -> bool {
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     // SAFETY: one valid pollfd, owned by this frame, for the duration of the call.
     let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-    n > 0 && pfd.revents & (libc::POLLERR | libc::POLLHUP) != 0
+    if n < 0 {
+        return Watch::Interrupted;
+    }
+    if n > 0 && pfd.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+        Watch::Reset
+    } else {
+        Watch::Quiet
+    }
 }
 
-fn shutdown(server: &Server, stream: &TcpStream, peer: SocketAddr) {
+fn shutdown(here: Here<'_>) {
+    let Here {
+        server,
+        stream,
+        peer,
+        ..
+    } = here;
     if !server.config.allow_shutdown {
         warn!("{peer}: .server-shutdown refused (not enabled on this server)");
-        return finish(stream, &Reply::err("server-shutdown not enabled"));
+        return here.finish(&Reply::err("server-shutdown not enabled"));
     }
     if !peer.ip().to_canonical().is_loopback() {
         warn!("{peer}: .server-shutdown refused (only accepted from loopback)");
-        return finish(
-            stream,
-            &Reply::err("server-shutdown only accepted from loopback"),
-        );
+        return here.finish(&Reply::err("server-shutdown only accepted from loopback"));
     }
     info!("{peer}: .server-shutdown received; exiting");
     let _ = send(stream, &Reply::ShuttingDown);
@@ -426,17 +625,26 @@ fn send(mut stream: &TcpStream, reply: &Reply) -> io::Result<()> {
     stream.write_all(&reply.to_line())
 }
 
-/// Writes the last reply and closes. Bytes the client sent that we never read are drained first:
-/// closing over unread data makes the kernel send a reset, which can destroy the reply before the
-/// client reads it.
-fn finish(stream: &TcpStream, reply: &Reply) {
-    if send(stream, reply).is_ok() {
-        finish_quietly(stream);
+/// A connection taken over while its last reply was being written: the rest of it, then the
+/// close.
+pub(super) fn finish_resumed(
+    server: &Server,
+    stream: &TcpStream,
+    id: ConnId,
+    peer: SocketAddr,
+    unsent: &[u8],
+) {
+    Here {
+        server,
+        stream,
+        id,
+        peer,
     }
+    .finish_with(unsent);
 }
 
-/// [`finish`] once the last reply is written.
-fn finish_quietly(stream: &TcpStream) {
+/// Ends a connection once its last reply is written: see [`Here::finish`].
+pub(super) fn finish_quietly(stream: &TcpStream) {
     let _ = stream.shutdown(Shutdown::Write);
     let mut scratch = [MaybeUninit::<u8>::uninit(); 1024];
     let socket = socket2::SockRef::from(stream);

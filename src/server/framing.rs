@@ -44,11 +44,38 @@ impl Requests {
         }
     }
 
+    /// A connection's requests as the previous process left them: `unparsed` comes first. The
+    /// socket may still have a read timeout set by that process, so the next read sets or clears
+    /// it.
+    pub(super) fn resume(max_line: usize, unparsed: &[u8]) -> Requests {
+        let mut r = Requests::new(max_line);
+        // A previous process with a longer --max-line-length may have left more than fits; the
+        // next line is then too long for this one anyway.
+        if unparsed.len() > r.buf.len() {
+            r.buf = vec![0; unparsed.len()].into_boxed_slice();
+        }
+        r.buf[..unparsed.len()].copy_from_slice(unparsed);
+        r.end = unparsed.len();
+        r.timeout_set = true;
+        r.tried_without_timeout = true;
+        r
+    }
+
+    /// Bytes read and not returned as a line yet.
+    pub(super) fn unparsed(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
     /// The next line without its `\n` (a `\r` before it is left for the parser to trim).
+    ///
+    /// When a hand-over to the next process asks this thread to rest (see `handover::rest`)
+    /// while it waits for bytes, `rest` is called with the bytes read and not returned yet; when
+    /// it returns (the hand-over was called off) the wait goes on.
     pub(super) fn next_line(
         &mut self,
         mut stream: &TcpStream,
         deadline: Option<Instant>,
+        mut rest: impl FnMut(&[u8]),
     ) -> Result<&[u8], ReadError> {
         let mut scanned = self.start;
         loop {
@@ -115,7 +142,11 @@ impl Requests {
                     });
                 }
                 Ok(n) => self.end += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    if super::handover::rest::resting() {
+                        rest(&self.buf[self.start..self.end]);
+                    }
+                }
                 Err(e)
                     if matches!(
                         e.kind(),

@@ -3,17 +3,27 @@
 //! `systemctl status`, WATCHDOG=1 keep-alives when the unit sets WatchdogSec, STOPPING=1), and it
 //! takes the signals that stop the server.
 //!
-//! SIGTERM, SIGINT and SIGHUP are blocked in every thread ([`block_signals`] runs before any
-//! thread starts; threads inherit the mask) and taken here by `sigtimedwait`, which is also the
-//! pause between status reports. So no handler runs at an arbitrary point of a worker, and the
-//! stop is logged, flushed and announced to systemd from one ordinary thread:
+//! SIGTERM, SIGINT, SIGHUP and SIGUSR2 are blocked in every thread ([`block_signals`] runs
+//! before any thread starts; threads inherit the mask) and taken here by `sigtimedwait`, which is
+//! also the pause between status reports. So no handler runs at an arbitrary point of a worker,
+//! and the stop is logged, flushed and announced to systemd from one ordinary thread:
 //!
-//! - SIGTERM (systemd's stop) and SIGINT (Ctrl-C): log why, STOPPING=1, then exit, which closes
+//! - SIGTERM under systemd (systemd's stop, and the first half of a restart): every connection
+//!   and the lock state go to the unit's file descriptor store for the next process
+//!   ([`handover`]), then the process exits 0. On a restart the next process
+//!   takes them over and the clients see nothing; on a stop systemd closes them.
+//! - SIGTERM outside systemd, and SIGINT (Ctrl-C): log why, STOPPING=1, then exit, which closes
 //!   every connection (each client sees end of file; every lock is released with it). Exit status
 //!   0 for SIGTERM, an orderly stop as systemd expects; SIGINT is raised again once the log is
 //!   written, so a shell sees an interrupted process and stops its script too.
+//! - SIGUSR2 (and `systemctl reload`): the server re-executes its own file, perhaps a new
+//!   version, keeping every connection ([`handover`]).
 //! - SIGHUP is logged and ignored: there is no configuration file to reload and no log file to
 //!   reopen, and a server started from a terminal must survive that terminal closing.
+//!
+//! One more signal is the workers' own: the hand-over wakes them with it (see
+//! [`handover::rest`]); it stays unblocked, with a handler that does
+//! nothing.
 //!
 //! Outside systemd (no NOTIFY_SOCKET) the sd_notify calls are no-ops.
 
@@ -24,13 +34,13 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use sd_notify::NotifyState;
 
-use super::Server;
+use super::{Server, handover};
 
 /// How often STATUS= is refreshed when no watchdog asks for more.
 const STATUS_EVERY: Duration = Duration::from_secs(5);
 
 /// The signals the main thread takes; see the module docs.
-const SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+const SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR2];
 
 fn send(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
@@ -70,11 +80,13 @@ fn ignored(signal: libc::c_int) -> bool {
 /// when ignored, so it would otherwise be taken): a shell runs a script's background commands,
 /// and nohup its command, with SIGINT or SIGHUP ignored so that Ctrl-C or a closing terminal
 /// does not reach them.
+///
+/// Also installs the hand-over's wake-up handler, which every thread inherits too.
 pub fn block_signals() -> io::Result<()> {
     let set = *TAKEN.get_or_init(|| set_of(SIGNALS.into_iter().filter(|&s| !ignored(s))));
     // SAFETY: `set` is a valid, initialised sigset_t owned by this frame.
     match unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } {
-        0 => Ok(()),
+        0 => handover::rest::install_wake_handler(),
         e => Err(io::Error::from_raw_os_error(e)),
     }
 }
@@ -127,6 +139,16 @@ pub fn run(server: Arc<Server>) -> ! {
                 info!("SIGHUP ignored: there is no configuration or log file to reopen");
                 continue;
             }
+            Some(libc::SIGUSR2) => {
+                // Returns only if the server was not re-executed.
+                handover::by_exec(&server, handover::monotonic_ns());
+                continue;
+            }
+            Some(libc::SIGTERM) if handover::to_store_on_sigterm(&server) => {
+                // Returns only if nothing was handed over.
+                handover::to_systemd(&server, handover::monotonic_ns());
+                stop(&server, libc::SIGTERM)
+            }
             Some(signal) => stop(&server, signal),
             None => {}
         }
@@ -171,4 +193,27 @@ fn stop(server: &Server, signal: libc::c_int) -> ! {
 
 pub fn stopping() {
     send(&[NotifyState::Stopping]);
+}
+
+/// STOPPING=1 with a STATUS= line saying why.
+pub fn stopping_with(status: &str) {
+    send(&[NotifyState::Stopping, NotifyState::Status(status)]);
+}
+
+/// A re-exec starts: systemd shows the unit reloading until READY=1 (from the new program, or
+/// [`ready_again`] if it did not happen).
+pub fn reloading() {
+    send(&[
+        NotifyState::Reloading,
+        NotifyState::Custom(&format!(
+            "MONOTONIC_USEC={}",
+            handover::monotonic_ns() / 1000
+        )),
+        NotifyState::Status("re-executing"),
+    ]);
+}
+
+/// The re-exec did not happen: serving on.
+pub fn ready_again() {
+    send(&[NotifyState::Ready]);
 }

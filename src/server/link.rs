@@ -11,10 +11,11 @@
 //! Writes from other threads never block (a client that does not read is treated as gone); the
 //! connection's own replies may, since only its own thread waits on them.
 
-use std::io::{self, Write};
+use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
+use super::handover::rest::{self, WriteStop};
 use tcpnetlock::protocol::Reply;
 
 #[derive(Debug)]
@@ -115,17 +116,19 @@ impl Link {
     }
 
     /// A reply from the connection's own thread, after any grant decided for it. Fails if the
-    /// connection was ended by another thread (it was told why) or the client is gone.
-    pub fn reply(&self, reply: &Reply) -> io::Result<()> {
+    /// connection was ended by another thread (it was told why) or the client is gone; stops
+    /// with the part not written yet when a hand-over asks the thread to rest while it waits for
+    /// a client that does not read.
+    pub fn reply(&self, reply: &Reply) -> Result<(), WriteStop> {
         let line = reply.to_line();
         let out = self.out_after_grant();
         if out.closed {
-            return Err(io::ErrorKind::NotConnected.into());
+            return Err(WriteStop::Failed(io::ErrorKind::NotConnected.into()));
         }
-        let sent = send_now(&self.stream, &line)?;
+        let sent = send_now(&self.stream, &line).map_err(WriteStop::Failed)?;
         drop(out);
         // The client is not reading its replies: only this thread waits for it to.
-        (&self.stream).write_all(&line[sent..])
+        rest::write_all(&self.stream, &line[sent..])
     }
 }
 

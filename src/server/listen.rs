@@ -6,7 +6,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use socket2::{Domain, Socket, TcpKeepalive, Type};
@@ -66,12 +66,35 @@ pub fn bind(addr: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// The listening sockets systemd passed us, if any. A passed descriptor that is not a listening
-/// TCP socket is an error in the unit file, reported rather than ignored.
-pub fn from_systemd() -> Result<Vec<TcpListener>, String> {
+/// Descriptors from systemd's fd store, with their names.
+pub type Stored = Vec<(String, OwnedFd)>;
+
+/// The listening sockets systemd passed us, if any, and the descriptors of the unit's fd store
+/// whose names (`FDNAME=`, in LISTEN_FDNAMES) are among `stored`: what a previous process of
+/// the unit handed over. Any other passed descriptor that is not a listening TCP socket is an
+/// error in the unit file, reported rather than ignored.
+pub fn from_systemd(stored: &[&str]) -> Result<(Vec<TcpListener>, Stored), String> {
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    // SAFETY: called before any thread starts (the server's startup), so nothing else reads the
+    // environment meanwhile; listenfd removes LISTEN_FDS and LISTEN_PID the same way.
+    unsafe { std::env::remove_var("LISTEN_FDNAMES") };
+    let names: Vec<&str> = names.split(':').collect();
     let mut fds = listenfd::ListenFd::from_env();
     let mut listeners = Vec::with_capacity(fds.len());
+    let mut ours = Vec::new();
     for i in 0..fds.len() {
+        let name = names.get(i).copied().unwrap_or("");
+        if stored.contains(&name) {
+            if let Ok(Some(fd)) = fds.take_raw_fd(i) {
+                // SAFETY: systemd passed this descriptor to this process alone; nothing else
+                // owns it. Close-on-exec, as every descriptor the server opens.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                // SAFETY: F_SETFD on a descriptor we own.
+                unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+                ours.push((name.to_owned(), fd));
+            }
+            continue;
+        }
         match fds.take_tcp_listener(i) {
             Ok(Some(l)) => listeners.push(l),
             Ok(None) => {}
@@ -83,7 +106,7 @@ pub fn from_systemd() -> Result<Vec<TcpListener>, String> {
             }
         }
     }
-    Ok(listeners)
+    Ok((listeners, ours))
 }
 
 /// How fast a vanished peer (no FIN, no RST) is noticed.

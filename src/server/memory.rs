@@ -14,7 +14,7 @@
 //! Connections only say what happened (`lock`, `renew`, `leave`); whatever that means for other
 //! connections is told to them here, through their [`Link`]s.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread;
@@ -26,6 +26,7 @@ use super::link::Link;
 use super::locks::{Counts, Locks, Unavailable};
 use super::tokens::Tokens;
 use crate::metrics::{Release, ServerMetrics};
+use crate::table::export::Export;
 use crate::table::{self, Claim, ConnId, Decision, Event, Left, LockInfo, State, Table};
 use tcpnetlock::protocol::Reply;
 
@@ -59,7 +60,9 @@ impl MemoryLocks {
             metrics,
             inner: Mutex::new(Inner {
                 table: Table::new(first_token),
-                timer_sleeps_until: None,
+                // Not running until started: nothing to wake, and nothing in its way for a
+                // hand-over (see `freeze`).
+                timer_sleeps_until: Some(None),
             }),
             timer: Condvar::new(),
             copies: Mutex::new(Copies::default()),
@@ -168,6 +171,7 @@ impl MemoryLocks {
     /// the next deadline or until a change makes one sooner.
     fn run_timer(&self) -> ! {
         let mut inner = self.inner();
+        inner.timer_sleeps_until = None;
         loop {
             let now = Instant::now();
             let events = inner.table.tick(now);
@@ -192,6 +196,53 @@ impl MemoryLocks {
             };
             inner.timer_sleeps_until = None;
         }
+    }
+}
+
+/// The table held still for a hand-over to the next process: no change, no deadline enforced,
+/// no grant written, while this lives (until the process ends, or the hand-over is called off).
+pub struct Frozen<'a> {
+    inner: MutexGuard<'a, Inner>,
+}
+
+impl Frozen<'_> {
+    /// The table as plain data, its times counted from `now`.
+    pub fn export(&self, now: Instant) -> Export {
+        self.inner.table.export(now)
+    }
+}
+
+impl MemoryLocks {
+    /// Holds the table still (see [`Frozen`]) once every decision made is told: the connections'
+    /// threads must be at rest already (they tell their own), and this waits for the timer
+    /// thread to be asleep, not between a decision and telling it.
+    pub fn freeze(&self) -> Frozen<'_> {
+        loop {
+            let inner = self.inner();
+            if inner.timer_sleeps_until.is_some() {
+                return Frozen { inner };
+            }
+            drop(inner);
+            thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Takes over the table the previous process exported (times counted from `at`, on this
+    /// process's clock), with a [`Link`] for each of its connections. Call it before
+    /// [`Locks::start`]. Grants continue from this process's own first token or the handed one,
+    /// whichever is higher. A state that breaks a rule of the table is refused with the reason,
+    /// and the table is left as it was (empty).
+    pub fn restore(
+        &self,
+        export: &Export,
+        at: Instant,
+        links: &HashMap<ConnId, Arc<Link>>,
+    ) -> Result<(), String> {
+        let mut inner = self.inner();
+        let first = inner.table.next_token();
+        let table = Table::restore(export, at, first, |conn| links.get(&conn).cloned())?;
+        inner.table = table;
+        Ok(())
     }
 }
 

@@ -7,6 +7,8 @@
 //! and the signals' ([`lifecycle`]). Nothing is written to a socket while lock state is locked.
 //! What the server says about itself ([`report`]: `.stats`, `.locks`, the Prometheus metrics)
 //! is read from the lock state's counts and the server's own counters at the moment of asking.
+//! A restart or an upgrade hands every connection and the lock state to the next process
+//! ([`handover`]).
 
 mod accept;
 #[cfg(feature = "etcd")]
@@ -15,6 +17,7 @@ pub mod config;
 pub mod conn;
 pub mod fdlimit;
 mod framing;
+pub mod handover;
 pub mod lifecycle;
 pub mod link;
 pub mod listen;
@@ -27,8 +30,9 @@ pub mod tokens;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, TcpListener};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
@@ -36,6 +40,7 @@ use log::{info, warn};
 use crate::metrics::ServerMetrics;
 use accept::Acceptor;
 pub use config::Config;
+use handover::rest::{self, Record};
 use locks::Locks;
 use memory::MemoryLocks;
 
@@ -59,7 +64,10 @@ pub struct Server {
     /// What the server counts for Prometheus, beyond the lock state's own totals; shared with
     /// the lock state, which observes the waits and expiries it decides.
     pub metrics: Arc<ServerMetrics>,
-    pool: pool::Pool<Acceptor>,
+    /// The lock state when it is kept in this process, the one a hand-over can take to the next
+    /// (`locks` is the same object).
+    memory: Option<Arc<MemoryLocks>>,
+    pool: pool::Pool<Job, Record>,
     started: Instant,
     /// Connections accepted since start (0.1.8's `requests_count`).
     requests: AtomicU64,
@@ -72,6 +80,9 @@ pub struct Server {
     reserve_fd: Mutex<Option<TcpListener>>,
     /// Open connections per peer address, kept only with `--max-connections-per-peer`.
     per_peer: Mutex<HashMap<IpAddr, usize>>,
+    /// The listening sockets (open for the life of the process: their acceptors own them) and
+    /// whether systemd passed them, for a re-exec to keep.
+    listening: OnceLock<(Vec<RawFd>, bool)>,
 }
 
 impl Server {
@@ -80,13 +91,15 @@ impl Server {
     /// that cannot be read): the message says which.
     pub fn new(config: Config) -> Result<Arc<Server>, String> {
         let metrics = Arc::new(ServerMetrics::new());
-        let locks: Arc<dyn Locks> = match &config.etcd {
+        let (locks, memory): (Arc<dyn Locks>, _) = match &config.etcd {
             None => {
                 let (first_token, tokens) = tokens::Tokens::start(config.state_dir.as_deref())
                     .map_err(|e| format!("cannot keep the fencing-token reservation: {e}"))?;
-                Arc::new(MemoryLocks::new(first_token, tokens, Arc::clone(&metrics)))
+                let memory = Arc::new(MemoryLocks::new(first_token, tokens, Arc::clone(&metrics)));
+                (Arc::clone(&memory) as Arc<dyn Locks>, Some(memory))
             }
-            Some(settings) => cluster_locks(settings, &metrics)?,
+            // A cluster member hands nothing over: its lock state is in etcd.
+            Some(settings) => (cluster_locks(settings, &metrics)?, None),
         };
         let stack = match config.etcd {
             Some(_) => CLUSTER_WORKER_STACK,
@@ -96,13 +109,15 @@ impl Server {
             config,
             locks,
             metrics,
-            pool: pool::Pool::new(IDLE_WORKER_TIMEOUT, stack, Acceptor::run),
+            memory,
+            pool: pool::Pool::new(IDLE_WORKER_TIMEOUT, stack, Job::run),
             started: Instant::now(),
             requests: AtomicU64::new(0),
             open: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             reserve_fd: Mutex::new(None),
             per_peer: Mutex::new(HashMap::new()),
+            listening: OnceLock::new(),
         }))
     }
 
@@ -131,18 +146,27 @@ impl Server {
                 .unwrap_or_else(PoisonError::into_inner) = first.try_clone().ok();
         }
         Arc::clone(&self.locks).start()?;
+        let _ = self
+            .listening
+            .set((listeners.iter().map(|l| l.as_raw_fd()).collect(), passed));
         for listener in listeners {
             // A socket inherited from systemd may have been left non-blocking by a previous
             // instance: the open file description is shared across restarts.
             listener.set_nonblocking(false)?;
             self.pool
-                .submit(Acceptor {
+                .submit(Job::Accept(Acceptor {
                     server: Arc::clone(self),
                     listener: Arc::new(listener),
-                })
+                }))
                 .map_err(|(_, e)| e)?;
         }
         Ok(())
+    }
+
+    /// Called by a connection's thread when a hand-over asks it to rest: gives `record` to the
+    /// hand-over and blocks until the process ends, or goes on if the hand-over is called off.
+    pub(super) fn rest(&self, record: Record) {
+        self.pool.rest(Some(record), rest::resting);
     }
 
     /// `.server-shutdown`, when enabled: the process ends, and every lock with it.
@@ -180,4 +204,21 @@ fn cluster_locks(
          the release binaries and packages have it, or build with `cargo build --features etcd`)"
             .into(),
     )
+}
+
+/// What a pool worker runs.
+enum Job {
+    /// Accept clients on a listener (and serve the first one).
+    Accept(Acceptor),
+    /// Serve a connection taken over from the previous process.
+    Resume(handover::Resumed),
+}
+
+impl Job {
+    fn run(self) {
+        match self {
+            Job::Accept(a) => a.run(),
+            Job::Resume(r) => r.run(),
+        }
+    }
 }

@@ -482,6 +482,11 @@ impl<H: Clone> Table<H> {
         self.counters
     }
 
+    /// The token of the next grant.
+    pub fn next_token(&self) -> u64 {
+        self.next_token
+    }
+
     /// Every held name with its holders and waiters, copied as they are. Holders unsorted: the
     /// caller sorts with [`sort_snapshot`] after letting go of the table, so that a big `.locks`
     /// keeps the table's users waiting for a copy, not for a sort.
@@ -621,6 +626,8 @@ pub fn sort_snapshot(locks: &mut [LockInfo]) {
             .sort_unstable_by(|a, b| b.held_for.cmp(&a.held_for).then(a.token.cmp(&b.token)));
     }
 }
+
+pub mod export;
 
 #[cfg(any(test, fuzzing))]
 pub mod model;

@@ -274,6 +274,10 @@ pub enum Op {
     Advance { advance: Duration },
     /// The timer runs.
     Tick,
+    /// The table is handed to a new process: exported and restored at the same moment. With
+    /// `ahead`, the new process's own first token is above the handed one (its clock moved on);
+    /// either way tokens must keep growing and nothing else may change.
+    HandOver { ahead: bool },
 }
 
 /// Drives a [`Table`] and a [`Model`] with the same operations and panics at the first
@@ -372,6 +376,17 @@ impl Check {
                 }
             }
             Op::Advance { advance } => self.now += advance,
+            Op::HandOver { ahead } => {
+                let export = self.table.export(self.now);
+                let first = if ahead { export.next_token + 1_000 } else { 0 };
+                let restored = Table::restore(&export, self.now, first, |conn| Some(conn.0))
+                    .unwrap_or_else(|e| panic!("{op:?}: {e}"));
+                let mut again = restored.export(self.now);
+                assert_eq!(again.next_token, export.next_token.max(first), "{op:?}");
+                again.next_token = export.next_token;
+                assert_eq!(again, export, "{op:?}: export, restore, export");
+                self.table = restored;
+            }
             Op::Tick => {
                 let events = self.table.tick(self.now);
                 let events = self.by_order(events);
@@ -812,6 +827,8 @@ impl CheckQueue {
                 let got = self.sim.tick(self.now);
                 assert_eq!(got, self.model.tick(self.now), "{op:?}");
             }
+            // A cluster member keeps its state in etcd and hands nothing over.
+            Op::HandOver { .. } => {}
         }
         for &(conn, _) in &self.conns {
             for name in &self.names {

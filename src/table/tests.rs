@@ -569,6 +569,13 @@ fn random_operations_match_the_model() {
                     if next(4) != 0 {
                         check.apply(&Op::Tick);
                     }
+                    // Now and then the table goes to a new process (before or after the timer
+                    // caught up): everything after must go on as if nothing happened.
+                    if next(6) == 0 {
+                        check.apply(&Op::HandOver {
+                            ahead: next(2) == 0,
+                        });
+                    }
                 }
             }
         }
@@ -625,4 +632,117 @@ fn queue_rule_matches_the_model() {
             }
         }
     }
+}
+
+/// A table handed over keeps everything a client can observe: holders with their tokens and
+/// leases, waiters in order with their deadlines, the totals; the durations count from the
+/// moment of the hand-over on the new process's clock, so time that passed in between counts.
+#[test]
+fn a_restored_table_keeps_holders_waiters_and_their_time() {
+    let now = t0();
+    let mut t = Table::new(100);
+    assert!(is_granted(t.lock("a", req(1).ttl(10.0), now)));
+    assert!(is_granted(t.lock("s", req(2).shared().ttl(5.0), now)));
+    assert!(is_granted(t.lock("s", req(3).shared(), now)));
+    assert_eq!(
+        t.lock("a", req(4).wait(20.0), now + secs(1.0)),
+        Decision::Queued
+    );
+    assert_eq!(
+        t.lock("a", req(5).wait(2.0).ttl(1.0), now + secs(2.0)),
+        Decision::Queued
+    );
+    assert!(is_granted(t.lock("k", req(6).max(2), now)));
+    let export = t.export(now + secs(3.0));
+    assert_eq!(export.next_token, 104);
+    let names: Vec<&str> = export.names.iter().map(|n| &*n.name).collect();
+    assert_eq!(names, ["a", "k", "s"]);
+    assert_eq!(export.names[0].holders[0].lease_due_ns, Some(7_000_000_000));
+    assert_eq!(export.names[0].holders[0].held_for, secs(3.0));
+    let waiters: Vec<(u64, i64)> = export.names[0]
+        .waiters
+        .iter()
+        .map(|w| (w.conn.0, w.wait_due_ns))
+        .collect();
+    assert_eq!(waiters, [(4, 18_000_000_000), (5, 1_000_000_000)]);
+
+    // The new process's clock says `later` at the moment the old one exported.
+    let later = now + secs(1000.0);
+    let mut r = Table::restore(&export, later, 0, |c| Some(c.0)).unwrap();
+    assert_eq!(r.export(later), export);
+    assert_eq!((r.holders(), r.held(), r.waiting()), (4, 3, 2));
+    assert_eq!(r.counters(), t.counters());
+    // Conn 5's wait runs out 1 s after the hand-over, conn 2's lease at 2 s, conn 1's at 7 s.
+    assert_eq!(r.next_deadline(), Some(later + secs(1.0)));
+    let events = r.tick(later + secs(1.0));
+    assert!(matches!(
+        events[..],
+        [Event::TimedOut {
+            conn: ConnId(5),
+            ..
+        }]
+    ));
+    let events = r.tick(later + secs(2.0));
+    assert!(matches!(
+        events[..],
+        [Event::Expired {
+            conn: ConnId(2),
+            ..
+        }]
+    ));
+    assert_eq!(r.next_deadline(), Some(later + secs(7.0)));
+    let events = r.tick(later + secs(7.0));
+    assert!(matches!(
+        events[0],
+        Event::Expired {
+            conn: ConnId(1),
+            ..
+        }
+    ));
+    // The waiter is granted with the next token, its lease from now.
+    assert!(matches!(
+        events[1],
+        Event::Granted {
+            conn: ConnId(4),
+            token: 104,
+            ..
+        }
+    ));
+    // A new process whose own first token is higher continues from there.
+    let r = Table::restore(&export, later, 5_000, |c| Some(c.0)).unwrap();
+    assert_eq!(r.export(later).next_token, 5_000);
+}
+
+#[test]
+fn a_state_that_breaks_a_rule_is_refused() {
+    let now = t0();
+    let mut t = Table::new(1);
+    assert!(is_granted(t.lock("a", req(1), now)));
+    assert_eq!(t.lock("a", req(2).wait(5.0), now), Decision::Queued);
+    let good = t.export(now);
+    let refused = |e: &export::Export| Table::restore(e, now, 0, |c| Some(c.0)).unwrap_err();
+
+    let err = Table::restore(&good, now, 0, |c| (c.0 != 2).then_some(c.0)).unwrap_err();
+    assert!(
+        err.contains("connection 2") && err.contains("did not come"),
+        "{err}"
+    );
+    let mut two_holders = good.clone();
+    let mut second = two_holders.names[0].holders[0].clone();
+    second.conn = ConnId(9);
+    second.token = 0;
+    two_holders.names[0].holders.push(second);
+    assert!(refused(&two_holders).contains("2 exclusive holders, max 1"));
+    let mut twice = good.clone();
+    twice.names[0].waiters[0].conn = ConnId(1);
+    assert!(refused(&twice).contains("appears twice"));
+    let mut waits_for_nothing = good.clone();
+    waits_for_nothing.names[0].holders.clear();
+    assert!(refused(&waits_for_nothing).contains("the first waiter could hold"));
+    let mut token_ahead = good.clone();
+    token_ahead.names[0].holders[0].token = good.next_token;
+    assert!(refused(&token_ahead).contains("token"));
+    let mut zero = good;
+    zero.names[0].max = 0;
+    assert!(refused(&zero).contains("max 0"));
 }

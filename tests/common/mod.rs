@@ -190,6 +190,17 @@ impl Client {
         }
     }
 
+    /// True when nothing arrives within `d` and the connection stays open: no byte, no end of
+    /// file, no reset.
+    pub fn silent_for(&mut self, d: Duration) -> bool {
+        self.stream.set_read_timeout(Some(d)).unwrap();
+        let r = self.reader.fill_buf().map(|b| b.len());
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        matches!(r, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+    }
+
     pub fn half_close(&self) {
         self.stream.shutdown(Shutdown::Write).unwrap();
     }

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # End to end under a real systemd as PID 1: debootstrap a minimal Debian bookworm, install the
 # .deb from dist/ into it, boot it with systemd-nspawn, and let a test unit inside (inside.sh)
-# check socket activation, readiness, the sandbox, the journal, restarts and IPAddressDeny. The
-# unit reports with `systemctl exit N`, which becomes nspawn's exit status.
+# check socket activation, readiness, the sandbox, the journal, the hand-over on restart and
+# reload (with 1,000 holders, the pause measured), a state refused, stop, IPAddressDeny, then a
+# package upgrade to a copy of the .deb with a bumped version (the lock held across it) and the
+# removal. The unit reports with `systemctl exit N`, which becomes nspawn's exit status.
 #
 #   bash packaging/build && bash tests/systemd-e2e/run.sh
 #
@@ -113,6 +115,26 @@ rm -rf "$root"
 cp -a "$base" "$root"
 cp "$deb" "$root/tmp/tcpnetlock.deb"
 chroot "$root" dpkg -i /tmp/tcpnetlock.deb >/dev/null
+# The upgrade: the same package with its Debian revision bumped, a changelog entry for it, and
+# a line appended to the binary, so that the running file can be told from the one it replaced.
+up=$root.upgrade
+rm -rf "$up"
+dpkg-deb -R "$deb" "$up"
+old_version=$(sed -n 's/^Version: //p' "$up/DEBIAN/control")
+new_version=${old_version%-*}-$(( ${old_version##*-} + 1 ))
+sed -i "s/^Version: .*/Version: $new_version/" "$up/DEBIAN/control"
+printf '\ntcpnetlock e2e upgrade %s\n' "$new_version" >>"$up/usr/bin/tcpnetlock"
+changelog=$up/usr/share/doc/tcpnetlock/changelog.Debian.gz
+{
+    printf 'tcpnetlock (%s) unstable; urgency=medium\n\n  * End-to-end test: the upgrade.\n\n' "$new_version"
+    printf ' -- tcpnetlock e2e <e2e@localhost>  %s\n\n' "$(date -R)"
+    gunzip -c "$changelog"
+} | gzip -9n >"$changelog.new"
+mv "$changelog.new" "$changelog"
+(cd "$up" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z | xargs -0 md5sum) \
+    >"$up/DEBIAN/md5sums"
+dpkg-deb --root-owner-group -Zxz -b "$up" "$root/root/tcpnetlock-upgrade.deb" >/dev/null
+rm -rf "$up"
 install -m 755 "$here/inside.sh" "$root/usr/local/sbin/tcpnetlock-e2e"
 cat >"$root/etc/systemd/system/tcpnetlock-e2e.service" <<'UNIT'
 [Unit]
@@ -121,9 +143,15 @@ After=multi-user.target tcpnetlock.socket
 [Service]
 Type=oneshot
 ExecStart=/usr/local/sbin/tcpnetlock-e2e
+TimeoutStartSec=600
+LimitNOFILE=8192
 StandardOutput=journal+console
 StandardError=journal+console
 UNIT
+# The checks restart the service more often than systemd's default start limit allows (5 starts
+# in 10 s): past it the unit fails, which would close the connections the test holds.
+mkdir -p "$root/etc/systemd/system/tcpnetlock.service.d"
+printf '[Unit]\nStartLimitIntervalSec=0\n' >"$root/etc/systemd/system/tcpnetlock.service.d/e2e.conf"
 # No login prompts: a getty started while the socket is set up was seen holding a copy of the
 # listening socket (systemd 252 in nspawn), which made restarting the socket fail to bind.
 for getty in console-getty.service getty@.service serial-getty@.service container-getty@.service; do
@@ -144,7 +172,7 @@ cleanup() {
 trap cleanup EXIT
 start=$(date +%s)
 status=0
-timeout 300 sh -c "for h in systemd unified; do echo \$\$ > /sys/fs/cgroup/\$h/$cg/cgroup.procs; done
+timeout 600 sh -c "for h in systemd unified; do echo \$\$ > /sys/fs/cgroup/\$h/$cg/cgroup.procs; done
     exec systemd-nspawn -q -D '$root' -b --register=no --keep-unit --console=read-only \
         --private-network --system-call-filter=bpf -M tcpnetlock-e2e" >"$root.boot.log" 2>&1 \
     || status=$?
