@@ -370,23 +370,40 @@ fn a_watch_on_a_frozen_member_moves_after_the_idle_limit_and_ends_when_dropped()
     let _serial = serial();
     let cluster = EtcdCluster::start3();
     let leader = cluster.wait_leader(Duration::from_secs(10));
-    let frozen = (leader + 1) % 3;
-    let mut config = EtcdConfig::new(
-        std::iter::once(cluster.endpoint(frozen))
-            .chain((0..3).filter(|&i| i != frozen).map(|i| cluster.endpoint(i))),
-    );
+    // The watch knows only the two followers, so whichever one it is on can be frozen while
+    // the writer keeps using the leader.
+    let followers: Vec<String> = (0..3)
+        .filter(|&i| i != leader)
+        .map(|i| cluster.endpoint(i))
+        .collect();
+    let mut config = EtcdConfig::new(followers.clone());
     config.watch_idle = Duration::from_millis(800);
     let watcher = EtcdClient::new(config).unwrap();
     let writer = client(vec![cluster.endpoint(leader)]);
     let (watch, rx) = watch(&watcher, WatchRequest::prefix("/i/"));
+    // A first stream opens on the first endpoint; later ones are announced by `Resumed`.
+    let mut on = followers[0].clone();
 
     // A healthy but silent stream is re-created after the idle limit, losing nothing.
     thread::sleep(Duration::from_millis(2000));
     let put = writer
         .put(&PutRequest::new("/i/quiet", "v"), after(5000))
         .unwrap();
-    let (_, events) = next_events(&rx, Duration::from_secs(5));
-    assert_eq!(events[0].kv.mod_revision, put.header.revision);
+    loop {
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok((_, WatchMessage::Interrupted { .. })) => {}
+            Ok((_, WatchMessage::Resumed { endpoint, .. })) => on = endpoint,
+            Ok((_, WatchMessage::Events { events, .. })) => {
+                assert_eq!(events[0].kv.mod_revision, put.header.revision);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let frozen = (0..3)
+        .find(|&i| cluster.endpoint(i) == on)
+        .expect("the watch is on a member of the cluster");
+    assert_ne!(frozen, leader);
 
     cluster.freeze(frozen);
     let frozen_at = Instant::now();
