@@ -29,8 +29,6 @@
 #[path = "common/churn.rs"]
 mod churn;
 mod common;
-#[path = "common/etcd.rs"]
-mod etcd_cluster;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -45,8 +43,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use churn::{Rng, now_ns, record};
+use common::etcd::{ClusterOptions, EtcdCluster};
 use common::{BIN, Server, TempDir, code, require_tool, wait_until};
-use etcd_cluster::{ClusterOptions, EtcdCluster};
 use serde_json::Value;
 use tcpnetlock::client::{self, Client, lease_margin};
 
