@@ -64,6 +64,8 @@ const ETCDCTL_FAILOVER_ROUNDS: usize = 3;
 /// Pause between seeing a waiter queued and the release or kill: as in the hand-off between
 /// lock processes (benches/load/handoff.rs), for both tools.
 const SETTLE: Duration = Duration::from_millis(150);
+/// Rounds of the timed commands, taking turns.
+const COMMAND_ROUNDS: usize = 5;
 const PREFIX: &str = "/bench/";
 
 /// Everything the cluster part measured.
@@ -565,8 +567,45 @@ fn time_commands(
     if !failed.is_empty() {
         return Err(failed.join("; "));
     }
-    let timings = commands::time(&candidates, &scratch)?;
+    // In rounds, the two tools taking turns, so that a change in the machine's load during the
+    // runs falls on both alike (hyperfine runs one command's runs, then the next's).
+    let mut rounds: Vec<Vec<Timing>> = candidates.iter().map(|_| Vec::new()).collect();
+    for _ in 0..COMMAND_ROUNDS {
+        for (c, timings) in candidates.iter().zip(rounds.iter_mut()) {
+            let slice = Candidate {
+                name: c.name.clone(),
+                argv: c.argv.clone(),
+                runs: (c.runs / COMMAND_ROUNDS).max(3),
+            };
+            timings.extend(commands::time(&[slice], &scratch)?);
+        }
+    }
+    let timings = rounds.iter().map(|r| pooled(r)).collect();
+    for c in &mut candidates {
+        c.runs = (c.runs / COMMAND_ROUNDS).max(3) * COMMAND_ROUNDS;
+    }
     Ok((candidates, timings))
+}
+
+/// Rounds of one command as one timing: the mean over all runs, the standard deviation of all
+/// runs (within and between rounds), the fastest run; the median is the median of the rounds'.
+fn pooled(rounds: &[Timing]) -> Timing {
+    let n: usize = rounds.iter().map(|t| t.runs).sum();
+    let mean = rounds.iter().map(|t| t.mean * t.runs as f64).sum::<f64>() / n as f64;
+    let var = rounds
+        .iter()
+        .map(|t| t.runs as f64 * (t.stddev.powi(2) + (t.mean - mean).powi(2)))
+        .sum::<f64>()
+        / n as f64;
+    let mut medians: Vec<f64> = rounds.iter().map(|t| t.median).collect();
+    medians.sort_by(f64::total_cmp);
+    Timing {
+        mean,
+        stddev: var.sqrt(),
+        median: medians[medians.len() / 2],
+        min: rounds.iter().map(|t| t.min).fold(f64::INFINITY, f64::min),
+        runs: n,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -686,10 +725,12 @@ pub fn section(r: &Result<Report, String>, header: Option<&str>) -> String {
         &rows,
     ));
 
-    out.push_str(
+    let _ = write!(
+        out,
         "\nA command under a lock, whole processes timed by hyperfine (`-N`): `tcpnetlock do` \
          through member a (it asks the member's `.info` first, for its lease bound), and \
-         `etcdctl lock` against etcd member e0.\n\n",
+         `etcdctl lock` against etcd member e0, in {COMMAND_ROUNDS} rounds taking turns (the \
+         median is the median of the rounds' medians).\n\n",
     );
     match &r.commands {
         Ok((candidates, timings)) => {
