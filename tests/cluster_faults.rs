@@ -186,13 +186,13 @@ impl Records {
         record(&mut out, line);
     }
 
-    /// A library client's grant: stamped now; returns the hold's id.
-    fn lib_start(&self, client: &str, lock: &client::Lock) -> String {
+    /// A library client's grant, stamped now: the hold's id and the stamp.
+    fn lib_start(&self, client: &str, lock: &client::Lock) -> (String, u64) {
         let t = now_ns();
         let id = format!("L{}", LIB_IDS.fetch_add(1, Ordering::Relaxed));
         let token = lock.token().map_or("-".into(), |t| t.to_string());
         self.write(format!("S {id} {client} {} {token} {t}", lock.name()));
-        id
+        (id, t)
     }
 
     fn lib_end(&self, id: &str, how: char) -> u64 {
@@ -600,7 +600,7 @@ fn lib_loop(
             .take();
         let outcome = match taken {
             Ok(lock) => {
-                let id = records.lib_start(&label, &lock);
+                let (id, _) = records.lib_start(&label, &lock);
                 match lock.wait_lost(Some(hold)) {
                     Some(_) => {
                         records.lib_end(&id, 'L');
@@ -653,7 +653,7 @@ fn lib_holder(
             .fencing(true)
             .take()
             .unwrap_or_else(|e| panic!("{client}: {e}"));
-        let id = records.lib_start(&client, &lock);
+        let (id, _) = records.lib_start(&client, &lock);
         tx.send(()).unwrap();
         let lost = lock.wait_lost(None).unwrap();
         let t = records.lib_end(&id, 'L');
@@ -683,8 +683,7 @@ fn lib_waiter(records: &Arc<Records>, place: &Place, client: &str, name: &str) -
             .fencing(true)
             .take()
             .unwrap_or_else(|e| panic!("{client}: {e}"));
-        let id = records.lib_start(&client, &lock);
-        let granted = records.holds().iter().find(|h| h.id == id).unwrap().start;
+        let (id, granted) = records.lib_start(&client, &lock);
         thread::sleep(Duration::from_millis(20));
         records.lib_end(&id, 'R');
         lock.release().unwrap();
