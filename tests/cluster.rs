@@ -18,8 +18,6 @@
 #[path = "common/churn.rs"]
 mod churn;
 mod common;
-#[path = "common/etcd.rs"]
-mod etcd_cluster;
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -28,8 +26,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::etcd::EtcdCluster;
 use common::{BIN, Client, Server, free_port, run_within, try_lock, wait_until};
-use etcd_cluster::EtcdCluster;
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -678,7 +676,7 @@ fn bad_cluster_flags_are_usage_errors_that_say_what_is_wrong() {
 
 #[test]
 fn a_member_reaches_etcd_over_tls_with_a_client_certificate() {
-    let etcd = EtcdCluster::start(etcd_cluster::ClusterOptions {
+    let etcd = EtcdCluster::start(common::etcd::ClusterOptions {
         members: 1,
         tls: true,
         ..Default::default()
@@ -708,7 +706,7 @@ fn a_member_reaches_etcd_over_tls_with_a_client_certificate() {
 /// against gateway will be ignored".)
 #[test]
 fn a_member_logs_in_to_etcd_with_a_user_and_password() {
-    let mut etcd = EtcdCluster::start(etcd_cluster::ClusterOptions {
+    let mut etcd = EtcdCluster::start(common::etcd::ClusterOptions {
         members: 1,
         ..Default::default()
     });

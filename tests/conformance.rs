@@ -2,15 +2,25 @@
 //! tests/conformance/run.sh (which downloads 0.1.8 into a scratch dir and reuses it later), and
 //! then 0.1.8's CLI tests against this crate's drop-in `tcpnetlock_do` and `tcpnetlock_client`.
 //! Needs python3 with venv and access to PyPI on the first run.
+//!
+//! With TCPNETLOCK_TEST_ETCD=1 (and `--features etcd`), every server the suite starts is a cluster
+//! member on a 3-member etcd started for the run (tests/common/mod.rs).
+
+mod common;
 
 use std::process::Command;
 
-fn run_sh(args: &[&str]) {
-    let out = Command::new("bash")
-        .arg("tests/conformance/run.sh")
+fn run_sh(args: &[&str], etcd: Option<&str>) {
+    let mut cmd = Command::new("bash");
+    cmd.arg("tests/conformance/run.sh")
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("TCPNETLOCK_BIN", env!("CARGO_BIN_EXE_tcpnetlock"))
+        .env_remove("TCPNETLOCK_CONFORMANCE_ETCD");
+    if let Some(endpoints) = etcd {
+        cmd.env("TCPNETLOCK_CONFORMANCE_ETCD", endpoints);
+    }
+    let out = cmd
         .output()
         .expect("cannot run bash tests/conformance/run.sh");
     assert!(
@@ -25,6 +35,8 @@ fn run_sh(args: &[&str]) {
 /// One test, two passes in turn: they share run.sh's scratch dir (venv, sdist, logs).
 #[test]
 fn python_0_1_8_suite_passes_against_our_server_and_drop_in_programs() {
-    run_sh(&[]);
-    run_sh(&["--dropin"]);
+    let etcd = common::cluster_mode().then(common::etcd::EtcdCluster::start3);
+    let endpoints = etcd.as_ref().map(|e| e.endpoints().join(","));
+    run_sh(&[], endpoints.as_deref());
+    run_sh(&["--dropin"], endpoints.as_deref());
 }

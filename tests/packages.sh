@@ -19,10 +19,22 @@ restarts_socket='(^|[[:space:]])(try-|condrestart|reload-or-)?(restart|reload)[[
 pass() { echo "packages: ok: $*"; }
 
 # --- the static binary -------------------------------------------------------------------------
+# What ships has cluster mode in (the etcd feature: etcd's JSON API over HTTP, TLS with rustls):
+# at most 4 MiB. The server without it, the same build minus the feature, stays within the 2 MiB
+# it always had: built here (not shipped), into the same target directory.
 size=$(stat -c %s dist/tcpnetlock)
-[ "$size" -le $((2 * 1024 * 1024)) ] || fail "binary is $size bytes, over 2 MiB"
+[ "$size" -le $((4 * 1024 * 1024)) ] || fail "binary is $size bytes, over 4 MiB"
 file dist/tcpnetlock | grep -q "static" || fail "binary is not static: $(file dist/tcpnetlock)"
-pass "static binary, $size bytes"
+target_dir=$(cargo metadata --no-deps --locked --format-version 1 \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+cargo build --release --locked --quiet --target x86_64-unknown-linux-musl
+memory=$target_dir/x86_64-unknown-linux-musl/release/tcpnetlock
+msize=$(stat -c %s "$memory")
+[ "$msize" -le $((2 * 1024 * 1024)) ] || fail "the build without cluster mode is $msize bytes, over 2 MiB"
+out=$("$memory" server --listen 127.0.0.1:0 --etcd http://127.0.0.1:1 2>&1 || true)
+grep -q "this build has no cluster mode" <<<"$out" \
+    || fail "the build without the etcd feature does not say it has no cluster mode: $out"
+pass "static binary, $size bytes with cluster mode (budget 4 MiB), $msize without (budget 2 MiB)"
 
 # An empty root: nothing but the binary (no libc, no /etc, no /dev, no /proc, no /dev/log).
 root=$(mktemp -d)
@@ -44,6 +56,38 @@ grep -q "INFO" "$root.log" || fail "no log on stderr without /dev/log"
 rm -f "$root.log"
 pass "serves locks from an empty root, logging to stderr"
 
+# Cluster mode from the empty root too (no /etc, no CA bundle, no resolver): a member of a
+# one-node etcd on loopback.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+eport=$(free_port)
+epeer=$(free_port)
+edata=$(mktemp -d /dev/shm/tcpnetlock-packages-etcd.XXXXXX 2>/dev/null || mktemp -d)
+etcd --data-dir "$edata" --listen-client-urls "http://127.0.0.1:$eport" \
+    --advertise-client-urls "http://127.0.0.1:$eport" --listen-peer-urls "http://127.0.0.1:$epeer" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$epeer" \
+    --initial-cluster "default=http://127.0.0.1:$epeer" --log-level error >/dev/null 2>&1 &
+etcd_pid=$!
+trap 'kill "${srv:-0}" "${etcd_pid:-0}" 2>/dev/null || true; rm -rf "$root" "$edata"' EXIT
+port=$(free_port)
+chroot "$root" /tcpnetlock server --listen "127.0.0.1:$port" --etcd "http://127.0.0.1:$eport" \
+    --etcd-name chroot 2>"$root.log" &
+srv=$!
+reply=
+for _ in $(seq 200); do
+    reply=$(echo '.ping,serving:1' | nc -N 127.0.0.1 "$port" 2>/dev/null | head -n 1 || true)
+    [ "$reply" = pong ] && break
+    sleep 0.1
+done
+[ "$reply" = pong ] || fail "empty chroot, cluster mode: not serving ('$reply'); log: $(cat "$root.log")"
+exec 3<>"/dev/tcp/127.0.0.1/$port"
+echo 'lock,name:chroot,fencing:1' >&3
+read -r reply <&3
+case "$reply" in ok,token:*) ;; *) fail "empty chroot, cluster mode: lock got '$reply'" ;; esac
+exec 3<&-
+kill "$srv" "$etcd_pid"; wait "$srv" "$etcd_pid" 2>/dev/null || true
+rm -rf "$root.log" "$edata"
+pass "serves locks in cluster mode (etcd on loopback) from an empty root"
+
 # --- units ------------------------------------------------------------------------------------
 score=$(systemd-analyze security --offline=yes systemd/tcpnetlock.service 2>&1 \
     | sed -n 's/.*Overall exposure level for tcpnetlock.service: \([0-9.]*\).*/\1/p')
@@ -51,6 +95,23 @@ score=$(systemd-analyze security --offline=yes systemd/tcpnetlock.service 2>&1 \
 python3 -c "import sys; sys.exit(0 if float('$score') <= 1.1 else 1)" \
     || fail "systemd-analyze security rates the service $score (> 1.1)"
 pass "systemd-analyze security: $score"
+# With cluster mode's drop-in, as an admin installs it: only what reaching etcd takes (the host's
+# network 0.5, Internet sockets 0.3, a non-loopback allow list 0.1) on top of the unit's own.
+units=$(mktemp -d)
+cp systemd/tcpnetlock.service "$units/"
+mkdir "$units/tcpnetlock.service.d"
+cp systemd/tcpnetlock-cluster.conf "$units/tcpnetlock.service.d/cluster.conf"
+rating=$(systemd-analyze security --offline=yes "$units/tcpnetlock.service" 2>&1)
+cscore=$(sed -n 's/.*Overall exposure level for tcpnetlock.service: \([0-9.]*\).*/\1/p' <<<"$rating")
+[ -n "$cscore" ] || fail "no security score with the cluster drop-in: $rating"
+python3 -c "import sys; sys.exit(0 if round(float('$cscore') - float('$score'), 1) <= 0.9 else 1)" \
+    || fail "the cluster drop-in takes the rating from $score to $cscore (more than +0.9)"
+for line in "✗ PrivateNetwork=" "✗ RestrictAddressFamilies=~AF_(INET|INET6)" "✗ IPAddressDeny="; do
+    grep -qF -- "$line" <<<"$rating" || fail "with the cluster drop-in: no '$line' in the rating"
+done
+grep -qF -- "✗ RestrictAddressFamilies=~AF_PACKET" <<<"$rating" && fail "the cluster drop-in allows AF_PACKET"
+rm -rf "$units"
+pass "systemd-analyze security with the cluster drop-in: $cscore"
 
 # --- .deb -------------------------------------------------------------------------------------
 contents=$(dpkg-deb -c "$deb" | awk '{printf "%s", $1; for (i = 6; i <= NF; i++) printf " %s", $i; print ""}')
@@ -72,6 +133,8 @@ for want in \
     "-rw-r--r-- ./usr/share/zsh/vendor-completions/_tcpnetlock" \
     "-rw-r--r-- ./usr/share/fish/vendor_completions.d/tcpnetlock.fish" \
     "-rw-r--r-- ./usr/share/doc/tcpnetlock/README.md" \
+    "-rw-r--r-- ./usr/share/doc/tcpnetlock/CLUSTER.md" \
+    "-rw-r--r-- ./usr/share/doc/tcpnetlock/examples/tcpnetlock-cluster.conf" \
     "-rw-r--r-- ./usr/share/doc/tcpnetlock/copyright"; do
     grep -qxF -- "$want" <<<"$contents" || fail ".deb lacks: $want"
 done
@@ -85,7 +148,9 @@ done
 dpkg-deb -f "$deb" | grep -q '^Depends:' && fail ".deb has a Depends field: $(dpkg-deb -f "$deb" Depends)"
 [ "$(dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/share/doc/tcpnetlock/changelog.Debian.gz | gunzip)" \
     = "$(cat packaging/changelog)" ] || fail ".deb changelog differs from packaging/changelog"
-pass ".deb contents (a man page per command name, changelog, no empty Depends)"
+dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/bin/tcpnetlock | cmp -s - dist/tcpnetlock \
+    || fail ".deb's /usr/bin/tcpnetlock is not dist/tcpnetlock (the build with cluster mode)"
+pass ".deb contents (a man page per command name, changelog, no empty Depends, the binary of dist/)"
 scripts=$(mktemp -d)
 dpkg-deb -e "$deb" "$scripts"
 grep -q "deb-systemd-helper enable tcpnetlock.socket" "$scripts/postinst" || fail "postinst does not enable the socket"
@@ -115,6 +180,15 @@ out=$(dpkg --verify tcpnetlock 2>&1) || fail "dpkg --verify: $out"
 out=$(systemd-analyze verify tcpnetlock.socket tcpnetlock.service 2>&1) || fail "systemd-analyze verify: $out"
 [ -z "$out" ] || fail "systemd-analyze verify is not clean: $out"
 pass "systemd-analyze verify clean (installed units, man page checked)"
+# The cluster drop-in, installed the documented way (in a scratch unit directory, not /etc).
+units=$(mktemp -d)
+install -D -m 0644 /usr/share/doc/tcpnetlock/examples/tcpnetlock-cluster.conf \
+    "$units/tcpnetlock.service.d/cluster.conf"
+out=$(SYSTEMD_UNIT_PATH="$units:" systemd-analyze verify tcpnetlock.service 2>&1) \
+    || fail "systemd-analyze verify with the cluster drop-in: $out"
+[ -z "$out" ] || fail "systemd-analyze verify with the cluster drop-in is not clean: $out"
+rm -rf "$units"
+pass "systemd-analyze verify clean with the cluster drop-in"
 dpkg --purge tcpnetlock >/dev/null
 left=$(ls -d /usr/bin/tcpnetlock* /lib/systemd/system/tcpnetlock* /usr/share/man/man1/tcpnetlock* \
     /usr/share/doc/tcpnetlock /etc/systemd/system/tcpnetlock* /etc/systemd/system/*/tcpnetlock* \
@@ -130,6 +204,7 @@ for want in /usr/bin/tcpnetlock /usr/bin/tcpnetlock_server /usr/bin/tcpnetlock_c
     /usr/lib/systemd/system/tcpnetlock.service /usr/share/bash-completion/completions/tcpnetlock \
     /usr/share/zsh/site-functions/_tcpnetlock /usr/share/fish/vendor_completions.d/tcpnetlock.fish \
     /usr/share/man/man1/tcpnetlock-server.1.gz /usr/share/doc/tcpnetlock/README.md \
+    /usr/share/doc/tcpnetlock/CLUSTER.md /usr/share/doc/tcpnetlock/examples/tcpnetlock-cluster.conf \
     /usr/share/licenses/tcpnetlock/LICENSE; do
     grep -qxF "$want" <<<"$files" || fail ".rpm lacks $want"
 done

@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 # itself), promtool, a real Prometheus and node_exporter, and curl (the metrics: tests/metrics.rs,
 # tests/prometheus.rs); the package checks need rpm (rpmbuild too), file, man, lintian and
 # rpmlint; the end-to-end test debootstrap and nspawn; the etcd tests (tests/etcd_client.rs,
-# tests/cluster.rs) a real etcd, etcdctl, and openssl for TLS certificates.
+# tests/cluster.rs, tests/cluster_faults.rs) a real etcd, etcdctl, and openssl for TLS
+# certificates.
 packages=(netcat-openbsd netcat-traditional ncat busybox socat systemd iproute2 procps strace
     prometheus prometheus-node-exporter curl rpm file man-db lintian rpmlint debootstrap
     systemd-container etcd-server etcd-client openssl)
@@ -42,6 +43,9 @@ cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo clippy --all-targets --features etcd -- -D warnings
 cargo test --features etcd
+# The protocol suites again, every server a cluster member on a 3-member etcd (tests/common/mod.rs):
+# 0.1.8's bytes, v2's requests and 0.1.8's own pytest suite through `tcpnetlock server --etcd`.
+TCPNETLOCK_TEST_ETCD=1 cargo test --features etcd --test protocol_v1 --test protocol_v2 --test conformance
 
 # Release artifacts and what runs them: the static binary in an empty root, the .deb and .rpm,
 # the units (verify, security rating), then the .deb under a real systemd as PID 1.

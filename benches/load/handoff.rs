@@ -127,7 +127,7 @@ pub enum Tool<'a> {
 }
 
 impl Tool<'_> {
-    fn command(&self, name: &str, wait: bool) -> Command {
+    pub fn command(&self, name: &str, wait: bool) -> Command {
         let argv = match self {
             Tool::Tcpnetlock(bin, addr) => {
                 let mut argv = vec![bin.display().to_string(), "lock".into(), name.into()];
@@ -145,7 +145,7 @@ impl Tool<'_> {
         cmd
     }
 
-    fn granted(&self, name: &str, line: &str) -> bool {
+    pub fn granted(&self, name: &str, line: &str) -> bool {
         match self {
             Tool::Tcpnetlock(..) => line == "ok",
             // etcdctl prints the key it holds the lock with: NAME/<lease id in hex>.
@@ -163,13 +163,13 @@ impl Tool<'_> {
 }
 
 /// A lock process whose stdout lines arrive with the time they were read.
-struct LockProcess {
+pub struct LockProcess {
     child: Child,
     lines: mpsc::Receiver<(Instant, String)>,
 }
 
 impl LockProcess {
-    fn start(mut cmd: Command) -> Result<LockProcess, String> {
+    pub fn start(mut cmd: Command) -> Result<LockProcess, String> {
         // stdin stays open: `tcpnetlock lock` releases when its stdin ends.
         let mut child = cmd
             .stdin(Stdio::piped())
@@ -189,14 +189,22 @@ impl LockProcess {
         Ok(LockProcess { child, lines })
     }
 
-    fn line(&mut self, what: &str) -> Result<(Instant, String), String> {
-        self.lines.recv_timeout(LINE_TIMEOUT).map_err(|_| {
+    pub fn line(&mut self, what: &str) -> Result<(Instant, String), String> {
+        self.line_within(what, LINE_TIMEOUT)
+    }
+
+    pub fn line_within(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+    ) -> Result<(Instant, String), String> {
+        self.lines.recv_timeout(timeout).map_err(|_| {
             let status = self.child.try_wait().ok().flatten();
-            format!("{what}: no line within {LINE_TIMEOUT:?} (exit status: {status:?})")
+            format!("{what}: no line within {timeout:?} (exit status: {status:?})")
         })
     }
 
-    fn signal(&self, sig: libc::c_int) {
+    pub fn signal(&self, sig: libc::c_int) {
         // SAFETY: kill has no memory preconditions; the pid is our own unreaped child.
         unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
     }

@@ -1,7 +1,7 @@
 //! The benchmark: this server side by side with its peers, in one run, on loopback.
 //!
 //! ```text
-//! cargo bench --bench load
+//! cargo bench --features etcd --bench load
 //! ```
 //!
 //! (any target dir works, e.g. `CARGO_TARGET_DIR=../target-bench`; the results write it as
@@ -35,6 +35,11 @@
 //!    `TCPNETLOCK_BENCH_BASELINE_BIN`, an older binary side by side;
 //! 6. the wait of lock requests while a server holding 1,000 locks hands them over to its next
 //!    process (SIGUSR2, re-exec), five times ([`handover`]).
+//! 7. cluster mode ([`cluster`], only when built with `--features etcd`: the servers need it):
+//!    cycles/s through two members on a 3-member etcd with etcd's own ceiling for the same writes,
+//!    the hand-off to a waiter on the other member, `tcpnetlock do -- true` against `etcdctl lock
+//!    NAME true`, and failover times against `etcdctl lock`'s. Without the feature, `cargo bench
+//!    --bench load` runs the rest and says the cluster part was not built.
 //!
 //! It prints the machine, the command, the tables and one verdict per target, and writes them
 //! into docs/BENCHMARKS.md between the `results:begin` and `results:end` markers. A missed
@@ -44,9 +49,9 @@
 //! the other cycle runs take 60% of it), `TCPNETLOCK_BENCH_HOLDERS` (default 15000),
 //! `TCPNETLOCK_BENCH_RUNS` (runs of each fast command, default 500), `TCPNETLOCK_BENCH_PYTHON=0`,
 //! `_REDIS=0`, `_ETCD=0`, `_MUSL=0` skip a peer,
-//! `TCPNETLOCK_BENCH_ONLY=cycles,handoff,commands,held,neighbours,handover` runs only those parts (and
-//! leaves docs/BENCHMARKS.md alone, except that `neighbours` run alone replaces its own section
-//! there), `TCPNETLOCK_BENCH_DOC=0` leaves docs/BENCHMARKS.md alone (the report is printed
+//! `TCPNETLOCK_BENCH_ONLY=cycles,handoff,commands,held,neighbours,handover,cluster` runs only
+//! those parts (and leaves docs/BENCHMARKS.md alone, except that `neighbours` or `cluster` run
+//! alone replaces its own section there), `TCPNETLOCK_BENCH_DOC=0` leaves docs/BENCHMARKS.md alone (the report is printed
 //! anyway), `TCPNETLOCK_BENCH_BASELINE_BIN=PATH` measures the `neighbours` part against that
 //! server binary too. A full run takes about 2.5 minutes on 2 CPUs, about 4 when 0.1.8 stops
 //! answering before it has all the holders (it waits out a 60 s limit, then its latency probe
@@ -54,6 +59,8 @@
 //!
 //! Under `cargo test --all-targets` (no `--bench` argument) it only says how to run it.
 
+#[cfg(feature = "etcd")]
+mod cluster;
 mod commands;
 mod common;
 mod cycles;
@@ -93,6 +100,9 @@ const DOC_END: &str = "<!-- results:end -->";
 /// The neighbours section's own markers inside the results, so that it can be run alone.
 const NEIGHBOURS_BEGIN: &str = "<!-- neighbours:begin -->";
 const NEIGHBOURS_END: &str = "<!-- neighbours:end -->";
+/// The cluster section's markers, so that it can be run alone too.
+const CLUSTER_BEGIN: &str = "<!-- cluster:begin -->";
+const CLUSTER_END: &str = "<!-- cluster:end -->";
 
 struct Settings {
     main_secs: f64,
@@ -194,7 +204,32 @@ struct Results {
     /// Each binary measured, and the holders per server.
     neighbours: Option<(Vec<neighbours::Measured>, usize)>,
     handover: Option<handover::Handover>,
+    /// The cluster part's section (it renders its own), when it was asked for.
+    cluster: Option<ClusterPart>,
     problems: Vec<String>,
+}
+
+/// What the cluster part measured, or why it did not run.
+#[cfg(feature = "etcd")]
+type ClusterPart = Result<cluster::Report, String>;
+#[cfg(not(feature = "etcd"))]
+type ClusterPart = Result<std::convert::Infallible, String>;
+
+fn cluster_section(part: &ClusterPart, header: Option<&str>) -> String {
+    #[cfg(feature = "etcd")]
+    {
+        cluster::section(part, header)
+    }
+    #[cfg(not(feature = "etcd"))]
+    {
+        let _ = header;
+        match part {
+            Err(why) => {
+                format!("\n### Cluster mode: two servers on one etcd\n\nNot measured: {why}\n")
+            }
+            Ok(never) => match *never {},
+        }
+    }
 }
 
 fn main() {
@@ -271,7 +306,13 @@ fn main() {
         results.neighbours.as_ref().map(|(measured, holders)| {
             let header = run_header(&date, &load_start, busy, started);
             let section = neighbours::section(measured, *holders, Some(&header));
-            write_neighbours_doc(&doc, &section)
+            write_section_doc(&doc, &section, NEIGHBOURS_BEGIN, NEIGHBOURS_END)
+        })
+    } else if s.only.as_deref() == Some(&["cluster".to_owned()][..]) {
+        results.cluster.as_ref().map(|part| {
+            let header = run_header(&date, &load_start, busy, started);
+            let section = cluster_section(part, Some(&header));
+            write_section_doc(&doc, &section, CLUSTER_BEGIN, CLUSTER_END)
         })
     } else {
         None
@@ -419,6 +460,9 @@ fn run(peers: &Peers, s: &Settings) -> Results {
         None
     };
 
+    // 7. Cluster mode: its own etcd and members.
+    let cluster = s.part("cluster").then(|| run_cluster(peers, s));
+
     Results {
         rust: rust_runs,
         python: py_runs,
@@ -430,8 +474,24 @@ fn run(peers: &Peers, s: &Settings) -> Results {
         command_notes,
         neighbours,
         handover,
+        cluster,
         problems,
     }
+}
+
+#[cfg(feature = "etcd")]
+fn run_cluster(peers: &Peers, s: &Settings) -> ClusterPart {
+    let etcd = peers.etcd.as_ref().map_err(Clone::clone)?;
+    cluster::run(&peers.rust_bin, etcd, s.main_secs, s.runs)
+}
+
+#[cfg(not(feature = "etcd"))]
+fn run_cluster(_: &Peers, _: &Settings) -> ClusterPart {
+    Err(
+        "this bench was built without the etcd feature, which the servers need for cluster mode: \
+         cargo bench --features etcd --bench load"
+            .into(),
+    )
 }
 
 /// The cycle runs of every server that started, interleaved (see [`cycles::run_interleaved`]);
@@ -645,6 +705,13 @@ fn report(
         );
     }
     out.push_str(&handover_section(r));
+    if let Some(part) = &r.cluster {
+        let _ = write!(
+            out,
+            "\n{CLUSTER_BEGIN}\n{}{CLUSTER_END}\n",
+            cluster_section(part, None)
+        );
+    }
     out.push_str(&targets_section(r));
     let problems: Vec<String> = r
         .problems
@@ -726,7 +793,12 @@ fn shown_command() -> String {
             let _ = write!(envs, "{key}={v} ");
         }
     }
-    format!("{envs}cargo bench --bench load")
+    let features = if cfg!(feature = "etcd") {
+        "--features etcd "
+    } else {
+        ""
+    };
+    format!("{envs}cargo bench {features}--bench load")
 }
 
 fn peers_section(peers: &Peers) -> String {
@@ -1278,17 +1350,14 @@ fn run_header(date: &str, load_start: &str, busy: bool, started: Instant) -> Str
     out
 }
 
-/// Replaces the neighbours section of `doc` with `section`; without one, puts it at the end of
-/// the results.
-fn write_neighbours_doc(doc: &Path, section: &str) -> std::io::Result<()> {
+/// Replaces the section of `doc` between `begin` and `end` with `section`; without one, puts it
+/// at the end of the results.
+fn write_section_doc(doc: &Path, section: &str, begin: &str, end: &str) -> std::io::Result<()> {
     let text = fs::read_to_string(doc)?;
-    let block = format!(
-        "{NEIGHBOURS_BEGIN}\n{}{NEIGHBOURS_END}",
-        section.trim_start()
-    );
-    let new = match (text.find(NEIGHBOURS_BEGIN), text.find(NEIGHBOURS_END)) {
+    let block = format!("{begin}\n{}{end}", section.trim_start());
+    let new = match (text.find(begin), text.find(end)) {
         (Some(b), Some(e)) if b < e => {
-            format!("{}{block}{}", &text[..b], &text[e + NEIGHBOURS_END.len()..])
+            format!("{}{block}{}", &text[..b], &text[e + end.len()..])
         }
         _ => match text.find(DOC_END) {
             Some(e) => format!("{}{block}\n\n{}", &text[..e], &text[e..]),

@@ -113,6 +113,9 @@ pub struct ClusterOptions {
     pub tls: bool,
     /// etcd's `--auth-token-ttl` (seconds an idle simple token stays valid).
     pub auth_token_ttl: Option<u32>,
+    /// Another address the members also take clients on (same ports as on 127.0.0.1): the end
+    /// of a veth pair a test created, for a client in a network namespace of its own.
+    pub also_listen: Option<String>,
 }
 
 impl Default for ClusterOptions {
@@ -121,6 +124,7 @@ impl Default for ClusterOptions {
             members: 3,
             tls: false,
             auth_token_ttl: None,
+            also_listen: None,
         }
     }
 }
@@ -142,6 +146,7 @@ pub struct EtcdCluster {
     initial_cluster: String,
     cluster_token: String,
     auth_token_ttl: Option<u32>,
+    also_listen: Option<String>,
     /// Set once auth is on, so the harness's own etcdctl calls log in.
     root_password: Option<String>,
 }
@@ -213,6 +218,7 @@ impl EtcdCluster {
             tls,
             initial_cluster,
             auth_token_ttl: options.auth_token_ttl,
+            also_listen: options.also_listen.clone(),
             root_password: None,
         };
         for i in 0..cluster.members.len() {
@@ -233,6 +239,10 @@ impl EtcdCluster {
             self.members[i].client_port
         );
         let m = &self.members[i];
+        let listen = match &self.also_listen {
+            Some(ip) => format!("{url},{}://{ip}:{}", self.scheme(), m.client_port),
+            None => url.clone(),
+        };
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
         let mut cmd = Command::new("etcd");
         for (key, _) in std::env::vars() {
@@ -244,12 +254,8 @@ impl EtcdCluster {
             .arg(&m.name)
             .arg("--data-dir")
             .arg(&m.data_dir)
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
+            .args(["--listen-client-urls", &listen])
+            .args(["--advertise-client-urls", &url])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &self.initial_cluster])
@@ -290,6 +296,11 @@ impl EtcdCluster {
 
     pub fn endpoints(&self) -> Vec<String> {
         (0..self.members.len()).map(|i| self.endpoint(i)).collect()
+    }
+
+    /// Member `i`'s client URL on the [`ClusterOptions::also_listen`] address.
+    pub fn endpoint_at(&self, ip: &str, i: usize) -> String {
+        format!("{}://{ip}:{}", self.scheme(), self.members[i].client_port)
     }
 
     pub fn pid(&self, i: usize) -> Option<i32> {

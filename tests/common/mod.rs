@@ -1,7 +1,13 @@
 //! Shared by the integration tests: start the real `tcpnetlock` binary on a free loopback port and
 //! talk to it line by line.
+//!
+//! With TCPNETLOCK_TEST_ETCD=1 (and a build with `--features etcd`), [`Server::start`] starts a
+//! cluster member instead (`--etcd`, a lock space of its own), on a 3-member etcd started once
+//! for the test process and stopped when it exits: the same tests then check the protocol
+//! through a member (tests/run-all.sh runs protocol_v1, protocol_v2 and conformance so).
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod prometheus;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -22,12 +28,31 @@ pub struct Server {
 
 impl Server {
     /// Starts `tcpnetlock server --listen 127.0.0.1:0 --log stderr -v <extra>` and waits until it
-    /// says which port it bound.
+    /// says which port it bound. With TCPNETLOCK_TEST_ETCD=1, a cluster member (see the module
+    /// docs), once it serves.
     pub fn start(extra: &[&str]) -> Server {
         let mut cmd = Command::new(BIN);
         cmd.args(["server", "--listen", "127.0.0.1:0", "--log", "stderr", "-v"])
             .args(extra);
-        Server::spawn(cmd)
+        let member = cluster_mode().then(|| member_args(extra));
+        if let Some(args) = &member {
+            cmd.args(args);
+        }
+        let server = Server::spawn(cmd);
+        if member.is_some() {
+            // Its log, not a request: the tests count requests in `.stats`.
+            let ok = wait_until(Duration::from_secs(30), || {
+                server
+                    .log_text()
+                    .contains("cluster: member test serves locks")
+            });
+            assert!(
+                ok.is_some(),
+                "the member never served:\n{}",
+                server.log_text()
+            );
+        }
+        server
     }
 
     /// Spawns a prepared command whose stderr will contain `listening on ADDR` (or `serving ADDR`).
@@ -82,6 +107,62 @@ impl Server {
     pub fn stat(&self, key: &str) -> f64 {
         json_number(&self.stats(), key).unwrap_or_else(|| panic!("no {key} in stats"))
     }
+}
+
+/// The environment variable that makes [`Server::start`] start cluster members.
+pub const ETCD_ENV: &str = "TCPNETLOCK_TEST_ETCD";
+
+/// Whether [`Server::start`] starts cluster members (TCPNETLOCK_TEST_ETCD=1).
+pub fn cluster_mode() -> bool {
+    std::env::var(ETCD_ENV).is_ok_and(|v| v == "1")
+}
+
+/// The etcd of the whole test process, started by the first member; stopped at exit.
+static SHARED_ETCD: Mutex<Option<etcd::EtcdCluster>> = Mutex::new(None);
+
+extern "C" fn stop_shared_etcd() {
+    // At exit: another thread may still hold the lock (a test that panicked is not waited
+    // for); then its etcd is left to the kernel's clean-up of a dead parent's children.
+    if let Ok(mut shared) = SHARED_ETCD.try_lock() {
+        shared.take();
+    }
+}
+
+/// The `--etcd ...` arguments of a member: the shared etcd, a lock space of its own, or, with
+/// `--state-dir DIR` in `extra`, the lock space of DIR (a restarted server with the same state
+/// directory finds its locks and its tokens go on growing, as a single server's do).
+fn member_args(extra: &[&str]) -> Vec<String> {
+    let endpoints = {
+        let mut shared = SHARED_ETCD.lock().unwrap_or_else(|e| e.into_inner());
+        if shared.is_none() {
+            *shared = Some(etcd::EtcdCluster::start3());
+            // SAFETY: registers a plain function; it runs when the process exits.
+            unsafe { libc::atexit(stop_shared_etcd) };
+        }
+        shared.as_ref().unwrap().endpoints().join(",")
+    };
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let space = match extra.iter().position(|a| *a == "--state-dir") {
+        Some(i) => {
+            let dir = extra.get(i + 1).copied().unwrap_or_default();
+            let hash = dir.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+            });
+            format!("dir-{hash:x}")
+        }
+        None => format!(
+            "n{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        ),
+    };
+    vec![
+        "--etcd".into(),
+        endpoints,
+        "--etcd-prefix".into(),
+        format!("/tnl-test-{}-{space}/", std::process::id()),
+        "--etcd-name".into(),
+        "test".into(),
+    ]
 }
 
 impl Drop for Server {

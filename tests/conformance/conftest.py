@@ -16,6 +16,10 @@ from tcpnetlock.client.client import LockClient
 BIN = os.environ["TCPNETLOCK_BIN"]
 LOG_DIR = os.environ["TCPNETLOCK_LOG_DIR"]
 LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+# Set (etcd client URLs) to run the suite against cluster members (`--etcd`), each server a lock
+# space of its own; the port is taken once the member says it serves locks.
+ETCD = os.environ.get("TCPNETLOCK_CONFORMANCE_ETCD")
+SERVING = "cluster: member conformance serves locks"
 
 _started = []  # every server spawned, so pytest_unconfigure can kill leftovers
 
@@ -27,11 +31,14 @@ class RustServer:
     def __init__(self, port=0):
         # Like ServerThread, the socket is bound (and .port known) once the constructor returns.
         self.log_path = os.path.join(LOG_DIR, "server-%d.log" % (len(_started) + 1))
+        args = [BIN, "server", "--listen", "127.0.0.1:%d" % port, "--log", "stderr",
+                "--allow-shutdown-from-loopback"]
+        if ETCD:
+            args += ["-v", "--etcd", ETCD, "--etcd-name", "conformance",
+                     "--etcd-prefix", "/conformance-%d-%d/" % (os.getpid(), len(_started) + 1)]
         with open(self.log_path, "wb") as log:
             self._proc = subprocess.Popen(
-                [BIN, "server", "--listen", "127.0.0.1:%d" % port, "--log", "stderr",
-                 "--allow-shutdown-from-loopback"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         _started.append(self)
         self.port = self._wait_for_port()
 
@@ -40,8 +47,9 @@ class RustServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with open(self.log_path) as log:
-                match = LISTENING.search(log.read())
-            if match:
+                text = log.read()
+            match = LISTENING.search(text)
+            if match and (not ETCD or SERVING in text):
                 return int(match.group(1))
             if self._proc.poll() is not None:
                 break

@@ -9,6 +9,9 @@
 # (symlinks tcpnetlock_do, tcpnetlock_client): 0.1.8's expectations of its own CLIs, checked
 # against ours.
 #
+# With TCPNETLOCK_CONFORMANCE_ETCD=URL[,URL...] (etcd client URLs) every server is a cluster member
+# on that etcd (`--etcd`, a lock space of its own): the same suite, in cluster mode.
+#
 # TCPNETLOCK_BIN defaults to target/debug/tcpnetlock. The 0.1.8 code is never committed: the sdist
 # is downloaded into a scratch dir ($CARGO_TARGET_DIR or target/, then conformance/) together with
 # a venv; both are reused by later runs. Exits with pytest's status.
