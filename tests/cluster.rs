@@ -698,7 +698,15 @@ fn a_member_reaches_etcd_over_tls_with_a_client_certificate() {
     let (mut c, reply) = try_lock(member.addr, "secure");
     assert_eq!(reply, "ok");
     assert_eq!(c.ask("release"), "released");
-    assert!(member.log_text().contains("etcd at https://127.0.0.1:"));
+    // The log is written by its own thread: the line may come a moment after.
+    assert!(
+        wait_until(Duration::from_secs(2), || member
+            .log_text()
+            .contains("etcd at https://127.0.0.1:"))
+        .is_some(),
+        "{}",
+        member.log_text()
+    );
 }
 
 /// etcd's authentication: user and password. (Not together with a client certificate: etcd's
@@ -907,7 +915,15 @@ fn a_member_started_before_etcd_answers_serves_once_it_does() {
     );
     assert!(took < Duration::from_secs(10), "{took:?}");
     assert_eq!(try_lock(member.addr, "e").1, "ok");
-    assert!(member.log_text().contains("member early serves locks"));
+    // The log is written by its own thread: the line may come a moment after.
+    assert!(
+        wait_until(Duration::from_secs(2), || member
+            .log_text()
+            .contains("member early serves locks"))
+        .is_some(),
+        "{}",
+        member.log_text()
+    );
 }
 
 /// systemd hears it too: READY=1 (the member runs, and systemd should not restart it in a

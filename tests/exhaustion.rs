@@ -134,8 +134,12 @@ fn out_of_threads() {
     }
     assert_eq!(a.ask(".keepalive"), "alive");
     assert_eq!(b.ask(".keepalive"), "alive");
+    // Logging is asynchronous (a slow log must not stall the server): the line comes soon after.
     assert!(
-        s.log_text().contains("cannot start a worker thread"),
+        wait_until(Duration::from_secs(2), || s
+            .log_text()
+            .contains("cannot start a worker thread"))
+        .is_some(),
         "{}",
         s.log_text()
     );
