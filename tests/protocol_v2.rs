@@ -462,6 +462,8 @@ fn shared_locks_over_the_wire() {
     );
     let mut r3 = Client::connect(s.addr);
     r3.send("lock,name:rw,shared:1,wait:10,fencing:1");
+    // Queued before r4 asks: two connections' requests race otherwise.
+    await_waiting(&s, 2);
     let mut r4 = Client::connect(s.addr);
     r4.send("lock,name:rw,shared:1,wait:10,fencing:1");
     await_waiting(&s, 3);

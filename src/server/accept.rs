@@ -37,7 +37,9 @@ pub(super) struct Acceptor {
 impl Acceptor {
     /// The pool's job.
     pub(super) fn run(self) {
-        self.server.accept_loop(self.listener)
+        // Served after the accept loop's frame is gone: a holder's thread parks for as long as
+        // the lock is held, and every page of stack it ever touched stays resident meanwhile.
+        conn::serve(self.server.accept_loop(self.listener))
     }
 }
 
@@ -101,8 +103,10 @@ impl Server {
     /// Runs on a pool worker: accepts until it has a client to serve, hands accepting over to
     /// another worker, and serves that client itself. The client's request is answered by the
     /// thread that accepted it, so no thread hand-off sits on its path (one fewer wake-up per
-    /// connection than an acceptor passing connections to workers).
-    pub(super) fn accept_loop(self: Arc<Server>, listener: Arc<TcpListener>) {
+    /// connection than an acceptor passing connections to workers). Returns that client, to
+    /// be served by the caller once this frame is gone.
+    #[inline(never)]
+    pub(super) fn accept_loop(self: Arc<Server>, listener: Arc<TcpListener>) -> Conn {
         let mut role = AcceptorRole {
             next: Some(Acceptor {
                 server: Arc::clone(&self),
@@ -123,7 +127,7 @@ impl Server {
                         continue;
                     };
                     match role.hand_over(&self) {
-                        Ok(()) => return conn::serve(conn),
+                        Ok(()) => return conn,
                         Err(e) => {
                             warn!("{peer}: refused: cannot start a worker thread: {e}");
                             self.refuse(conn.stream, ConnRefusal::ServerBusy);

@@ -144,6 +144,21 @@ pub(super) fn serve_from(conn: Conn, mut reader: Requests, deadline: Instant) {
         Request::Lock(_) => RequestKind::Lock,
     });
     match request {
+        Request::Lock(req) if limited.is_none() => {
+            if let Some(session) = Session::start(server, stream, peer, id, &req) {
+                session.run(&mut reader, Vec::new());
+            }
+        }
+        other => answer(here, other, limited),
+    }
+}
+
+/// Every first request but a lock: answered, and the connection closed. Out of line, so that a
+/// holder's thread, parked for as long as its lock is held, never touched the stack these need.
+#[inline(never)]
+fn answer(here: Here<'_>, request: Request, limited: Option<ConnRefusal>) {
+    let server = here.server;
+    match request {
         Request::Ping => here.finish(&Reply::Pong),
         Request::PingServing => {
             let refusal = server.locks.cluster().and_then(|c| match c.serving {
@@ -159,14 +174,14 @@ pub(super) fn serve_from(conn: Conn, mut reader: Requests, deadline: Instant) {
         Request::Stats => here.finish(&Reply::Stats(server.stats_json())),
         Request::Locks => here.finish(&Reply::Locks(server.locks_json())),
         Request::Shutdown => shutdown(here),
-        Request::Lock(_) if let Some(why) = limited => {
-            debug!("{peer}: lock refused: {}", super::accept::refusal_text(why));
+        Request::Lock(_) => {
+            let why = limited.expect("serve_from keeps unlimited lock requests");
+            debug!(
+                "{}: lock refused: {}",
+                here.peer,
+                super::accept::refusal_text(why)
+            );
             refuse_limited(here, why);
-        }
-        Request::Lock(req) => {
-            if let Some(session) = Session::start(server, stream, peer, id, &req) {
-                session.run(&mut reader, Vec::new());
-            }
         }
     }
 }

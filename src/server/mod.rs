@@ -210,15 +210,17 @@ fn cluster_locks(
 enum Job {
     /// Accept clients on a listener (and serve the first one).
     Accept(Acceptor),
-    /// Serve a connection taken over from the previous process.
-    Resume(handover::Resumed),
+    /// Serve a connection taken over from the previous process. Boxed: a job is moved through
+    /// the pool by value, and every worker's stack would otherwise make room for the large
+    /// variant (a holder's thread keeps every stack page it touched for as long as it holds).
+    Resume(Box<handover::Resumed>),
 }
 
 impl Job {
     fn run(self) {
         match self {
             Job::Accept(a) => a.run(),
-            Job::Resume(r) => r.run(),
+            Job::Resume(r) => (*r).run(),
         }
     }
 }

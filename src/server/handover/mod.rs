@@ -260,6 +260,7 @@ enum Socket {
 }
 
 impl Resumed {
+    #[inline(never)]
     pub(super) fn run(self) {
         let Resumed {
             server,
@@ -702,14 +703,14 @@ fn take(server: &Arc<Server>, inherited: Inherited) -> Result<Vec<Job>, String> 
     let jobs: Vec<Job> = taken
         .into_iter()
         .map(|(id, peer, phase, socket)| {
-            Job::Resume(Resumed {
+            Job::Resume(Box::new(Resumed {
                 server: Arc::clone(server),
                 socket,
                 id,
                 peer,
                 phase,
                 open: server.count_taken_over(peer),
-            })
+            }))
         })
         .collect();
     let started = STARTED_NS.get().map_or(String::new(), |&ns| {
