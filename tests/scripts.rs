@@ -122,8 +122,10 @@ fn the_benchmark_results_name_no_directory_of_the_machine() {
     let is_path_char = |c: char| c.is_ascii_alphanumeric() || "/._-+".contains(c);
     for (n, line) in doc.lines().enumerate() {
         // A path starts at a slash after a space, a quote, `(` or `=` (not `<target dir>/x`).
+        // An etcd key prefix (`--etcd-prefix /bench/`, the cluster part) is no path.
         let starts = line.char_indices().filter(|&(i, c)| {
             c == '/'
+                && !line[..i].ends_with("--etcd-prefix ")
                 && line[..i]
                     .chars()
                     .next_back()
